@@ -1,0 +1,135 @@
+"""Registry of model adapters and tasks.
+
+Models and tasks register by name with a decorator; third-party packages can add their own
+through the entry-point groups ``ttt_bench.models`` and ``ttt_bench.tasks``. Task configs are
+YAML files (data only) found in the package's ``task_configs/`` and any ``--include_path``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+_MODELS: dict[str, Callable[..., Any]] = {}
+_TASK_CLASSES: dict[str, type] = {}
+_TASK_CONFIG_DIRS: list[Path] = [Path(__file__).parent / "task_configs"]
+_builtins_loaded = False
+
+
+class UnknownNameError(KeyError):
+    """A model, task or task class name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable
+        return str(self.args[0])
+
+
+def register_model(name: str) -> Callable:
+    """Decorator: ``@register_model("frozen")`` on a class or factory returning a scorer."""
+
+    def wrap(factory):
+        if name in _MODELS and _MODELS[name] is not factory:
+            raise ValueError(f"model {name!r} is already registered by {_MODELS[name]!r}")
+        _MODELS[name] = factory
+        return factory
+
+    return wrap
+
+
+def register_task(name: str) -> Callable:
+    """Decorator: ``@register_task("librilight_stream")`` on a Task class.
+
+    The name is the task *class*; YAML configs name it in their ``class:`` key. A class
+    registered this way is also a task of its own name with the class defaults.
+    """
+
+    def wrap(cls):
+        if name in _TASK_CLASSES and _TASK_CLASSES[name] is not cls:
+            raise ValueError(f"task class {name!r} is already registered by {_TASK_CLASSES[name]!r}")
+        _TASK_CLASSES[name] = cls
+        return cls
+
+    return wrap
+
+
+def add_task_config_dir(path: str | Path) -> None:
+    """Make YAML task configs in ``path`` available (``--include_path``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--include_path {path}: not a directory")
+    if path not in _TASK_CONFIG_DIRS:
+        _TASK_CONFIG_DIRS.insert(0, path)  # user configs shadow built-in ones
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    from . import models, tasks  # noqa: F401  (modules register themselves on import)
+
+    for group in ("ttt_bench.models", "ttt_bench.tasks"):
+        for ep in entry_points(group=group):
+            try:
+                ep.load()
+            except Exception as exc:  # a broken plugin must not break the harness
+                logger.warning("could not load %s entry point %r: %s", group, ep.name, exc)
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> UnknownNameError:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return UnknownNameError(f"unknown {kind} {name!r}.{hint} Available: {', '.join(sorted(known))}")
+
+
+def list_models() -> list[str]:
+    _load_builtins()
+    return sorted(_MODELS)
+
+
+def get_model(name: str, **kwargs) -> Any:
+    """Build the scorer registered as ``name`` with ``kwargs`` (see DESIGN.md, Contract)."""
+    _load_builtins()
+    if name not in _MODELS:
+        raise _unknown("model", name, list(_MODELS))
+    return _MODELS[name](**kwargs)
+
+
+def task_config_files() -> dict[str, Path]:
+    """Task name -> YAML path; earlier directories (``--include_path``) win."""
+    found: dict[str, Path] = {}
+    for directory in reversed(_TASK_CONFIG_DIRS):
+        for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
+            found[path.stem] = path
+    return found
+
+
+def list_tasks() -> list[str]:
+    _load_builtins()
+    return sorted(set(task_config_files()) | set(_TASK_CLASSES))
+
+
+def get_task_class(name: str) -> type:
+    _load_builtins()
+    if name not in _TASK_CLASSES:
+        raise _unknown("task class", name, list(_TASK_CLASSES))
+    return _TASK_CLASSES[name]
+
+
+def get_task(name: str, **overrides) -> Any:
+    """Build the task ``name`` from its YAML config, with keys overridden by ``overrides``."""
+    from .config import load_task_config, TaskConfig
+
+    _load_builtins()
+    files = task_config_files()
+    if name in files:
+        config = load_task_config(files[name], overrides)
+    elif name in _TASK_CLASSES:
+        config = TaskConfig.from_dict({"task": name, "class": name, **overrides}, source=f"<task class {name}>")
+    else:
+        raise _unknown("task", name, list(set(files) | set(_TASK_CLASSES)))
+    return get_task_class(config.task_class)(config)
