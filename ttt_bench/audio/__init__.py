@@ -1,0 +1,1 @@
+"""Audio sources, decoding and the Mimi codec with its on-disk code cache."""

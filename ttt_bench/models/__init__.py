@@ -1,0 +1,3 @@
+"""Model adapters; importing this package registers them."""
+
+from . import frozen  # noqa: F401
