@@ -1,0 +1,78 @@
+"""The frozen adapter: Moshi as it is, scored by chunked streaming."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from moshi.models.lm import LMModel
+
+from ..registry import register_model
+from .base import ScorerInfo, StreamLayout, StreamingScorer
+from .moshi import ModelSource, load_lm
+from .streaming import chunk_nll, delayed_inputs, stream_codes, undelay, widen_kv_caches
+
+logger = logging.getLogger(__name__)
+
+
+@register_model("frozen")
+class FrozenScorer(StreamingScorer):
+    """Moshi with fixed weights. Give ``lm`` (an LMModel you built), ``preset`` or ``pretrained``."""
+
+    name = "frozen"
+
+    def __init__(self, lm: LMModel | None = None, preset: str | None = None, pretrained: str | None = None,
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 seed: int = 0):
+        if lm is not None:
+            if preset is not None or pretrained is not None:
+                raise ValueError("give lm= or preset=/pretrained=, not both")
+            self.source: ModelSource | None = None
+            self.lm = lm.to(device) if device is not None else lm
+            if dtype is not None:
+                from .moshi import resolve_dtype
+                self.lm = self.lm.to(dtype=resolve_dtype(dtype))
+        else:
+            self.source = ModelSource.make(preset=preset, pretrained=pretrained, seed=seed)
+            self.lm = load_lm(self.source, device=device or "cpu", dtype=dtype)
+        self.lm.eval()
+
+    @property
+    def info(self) -> ScorerInfo:
+        return ScorerInfo(name=self.name, label=self.name, options=self.options())
+
+    def options(self) -> dict[str, Any]:
+        return {"source": self.source.label if self.source else "lm=<user model>",
+                "dtype": str(self.lm.dtype).removeprefix("torch."),
+                "context": self.lm.context}
+
+    # -- scoring ---------------------------------------------------------------------------
+    def score(self, codes: torch.Tensor, chunk_size: int = 64,
+              layout: StreamLayout | None = None) -> torch.Tensor:
+        """Teacher-forced NLL [B, 8, T] (float32, nats, on the CPU) of ``codes`` [B, 8, T]."""
+        if codes.dim() != 3:
+            raise ValueError(f"codes must be [B, 8, T], got shape {tuple(codes.shape)}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        layout = layout or StreamLayout()
+        lm = self.lm
+        codes = codes.to(lm.device, torch.long)
+        delayed = delayed_inputs(lm, stream_codes(lm, codes, layout))
+        B, _, T = codes.shape
+        pattern = torch.empty(B, lm.dep_q, T, dtype=torch.float32, device=lm.device)
+        with lm.streaming(B):
+            widen_kv_caches(lm.transformer, min(chunk_size, T) - 1)
+            self.begin_document(B)
+            for start in range(0, T, chunk_size):
+                end = min(start + chunk_size, T)
+                pattern[:, :, start:end] = self.score_chunk(delayed, start, end)
+        return undelay(lm, pattern).cpu()
+
+    def begin_document(self, batch_size: int) -> None:
+        """Hook run inside ``lm.streaming`` before the first chunk (adaptive adapters reset here)."""
+
+    def score_chunk(self, delayed: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Pattern-space NLL [B, 8, end - start] for steps start..end-1 of the stream."""
+        with torch.no_grad():
+            return chunk_nll(self.lm, delayed, start, end)
