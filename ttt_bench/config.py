@@ -1,0 +1,136 @@
+"""Task configs: YAML (data only, ``yaml.safe_load``) -> a validated ``TaskConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A task config that is not valid; the message names the file, the key and what was expected."""
+
+
+_TARGET_OPS = ("<=", ">=", "<", ">")
+
+
+@dataclass
+class TaskConfig:
+    """One task variant. Every key of the YAML file maps to a field here (unknown keys are errors)."""
+
+    task: str
+    task_class: str = "librilight_stream"
+    description: str = ""
+    source: dict[str, Any] = field(default_factory=dict)
+    min_duration_s: float = 600.0
+    max_frames: int = 25000
+    concat_book: bool = False
+    positions: list[int] = field(default_factory=lambda: [8000, 16000, 24000])
+    window: int = 500
+    early_late_frames: int = 1000
+    slope_range: list[int] | None = None
+    segments: list[list[int]] = field(default_factory=lambda: [[4000, 8000], [8000, 16000], [16000, 24000]])
+    bootstrap_iters: int = 1000
+    text_stream: str = "pad"
+    user_stream: str = "zero"
+    use_fixed_method: bool = True
+    verify_loss_computation: bool = True
+    legacy_window: int | None = None  # frames of context for the legacy method (default: the model's context)
+    targets: dict[str, str] = field(default_factory=dict)
+    config_path: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "TaskConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a task config must be a mapping of keys to values, got {type(data).__name__}")
+        data = dict(data)
+        if "class" in data:
+            data["task_class"] = data.pop("class")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: "
+                              f"{', '.join(sorted((known - {'task_class', 'config_path'}) | {'class'}))}")
+        if "task" not in data:
+            raise ConfigError(f"{source}: missing key 'task' (the task's name)")
+        config = cls(**data, **({"config_path": source} if "config_path" not in data else {}))
+        config.validate(source)
+        return config
+
+    def validate(self, source: str) -> None:
+        def fail(key: str, expected: str, value: Any) -> None:
+            raise ConfigError(f"{source}: key {key!r} must be {expected}, got {value!r}")
+
+        checks: list[tuple[str, Any, type | tuple[type, ...], str]] = [
+            ("task", self.task, str, "a string"),
+            ("class", self.task_class, str, "a registered task class name"),
+            ("source", self.source, dict, "a mapping (type, path/repo, ...)"),
+            ("concat_book", self.concat_book, bool, "true or false"),
+            ("use_fixed_method", self.use_fixed_method, bool, "true or false"),
+            ("verify_loss_computation", self.verify_loss_computation, bool, "true or false"),
+            ("targets", self.targets, dict, "a mapping of metric to condition like '< 2.25'"),
+        ]
+        for key, value, kind, expected in checks:
+            if not isinstance(value, kind):
+                fail(key, expected, value)
+        for key in ("max_frames", "window", "early_late_frames", "bootstrap_iters"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(key, "a positive integer", value)
+        if not isinstance(self.min_duration_s, (int, float)) or isinstance(self.min_duration_s, bool) \
+                or self.min_duration_s < 0:
+            fail("min_duration_s", "a number of seconds >= 0", self.min_duration_s)
+        if not isinstance(self.positions, list) or not all(isinstance(p, int) and p >= 0 for p in self.positions):
+            fail("positions", "a list of frame indices (integers >= 0)", self.positions)
+        if not isinstance(self.segments, list) or not all(_is_range(s) for s in self.segments):
+            fail("segments", "a list of [start, end] frame ranges with start < end", self.segments)
+        if self.slope_range is not None and not _is_range(self.slope_range):
+            fail("slope_range", "null or [start, end] with start < end", self.slope_range)
+        if self.text_stream not in ("pad", "zero"):
+            fail("text_stream", "'pad' or 'zero'", self.text_stream)
+        if self.user_stream not in ("zero", "silence"):
+            fail("user_stream", "'zero' or 'silence'", self.user_stream)
+        if self.legacy_window is not None and (not isinstance(self.legacy_window, int) or self.legacy_window < 1):
+            fail("legacy_window", "null or a positive integer", self.legacy_window)
+        for metric, condition in self.targets.items():
+            if not isinstance(condition, str) or not _parse_target(condition):
+                fail(f"targets.{metric}", "a condition like '< 2.25' or '> 0.05'", condition)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["class"] = data.pop("task_class")
+        return data
+
+
+def _is_range(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) for v in value) and value[0] < value[1])
+
+
+def _parse_target(condition: str) -> tuple[str, float] | None:
+    text = condition.strip()
+    for op in _TARGET_OPS:
+        if text.startswith(op):
+            try:
+                return op, float(text[len(op):])
+            except ValueError:
+                return None
+    return None
+
+
+def load_task_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TaskConfig:
+    """Read a YAML task config; ``overrides`` replace its keys (CLI flags, ``get_task`` kwargs)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a task config must be a mapping of keys to values")
+    data.setdefault("task", path.stem)
+    return TaskConfig.from_dict({**data, **(overrides or {})}, source=str(path))
