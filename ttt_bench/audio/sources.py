@@ -1,0 +1,274 @@
+"""Where recordings come from: one interface over the Hub, local folders and HF datasets.
+
+Every source yields ``AudioItem``s in a deterministic order: an id (LibriLight style
+``<speaker>/<book>/<file>``), the encoded audio (bytes or a path; decoding happens later and
+lazily) and metadata. Sources never download a whole split: Hub data are streamed.
+
+Source spec (``config.source``, a dict), by ``type``:
+
+- ``webdataset``: WebDataset tar shards, e.g. ``collabora/librilight-webdataset``. Keys:
+  ``repo`` (HF dataset repo id; relative ``data_files`` are taken inside it),
+  ``data_files`` (pattern or list; local paths, URLs or ``hf://`` paths),
+  ``audio_field`` (default ``flac``), ``meta_field`` (default ``json``).
+- ``librilight_dir``: ``<path>/<speaker>/<book>/<file>.flac`` with ``<file>.json`` beside it.
+  Keys: ``path``, ``extensions`` (default ``[flac, wav, ogg]``).
+- ``hf_audio``: any ``datasets`` dataset with an audio column (parquet, audiofolder, a Hub
+  repo). Keys: ``path`` (repo id, local dir, or builder name such as ``parquet``), ``name``,
+  ``data_files``, ``data_dir``, ``split`` (default ``train``), ``audio_column`` (default
+  ``audio``), ``id_column``, ``speaker_column``, ``book_column`` (optional).
+
+Relative local paths are looked up in the working directory, then in the ttt_bench package
+(so ``data/librilight_sample`` finds the packaged sample).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+AUDIO_EXTENSIONS = ("flac", "wav", "ogg")
+SOURCE_TYPES = ("webdataset", "librilight_dir", "hf_audio")
+
+
+@dataclass
+class AudioItem:
+    """One recording before decoding."""
+
+    item_id: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    data: bytes | None = None
+    path: Path | None = None
+
+    def read_bytes(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        if self.path is None:
+            raise ValueError(f"{self.item_id}: the source gave neither audio bytes nor a path")
+        return self.path.read_bytes()
+
+    @property
+    def group(self) -> tuple[str, str]:
+        """(speaker, book): the recordings a book task may join."""
+        return str(self.meta.get("speaker", "")), str(self.meta.get("book", ""))
+
+
+def resolve_path(path: str | Path, what: str = "path") -> Path:
+    """Absolute paths as given; relative ones against the working directory, then the package."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    for base in (Path.cwd(), PACKAGE_DIR):
+        if (base / p).exists():
+            return (base / p).resolve()
+    raise FileNotFoundError(f"{what} {str(path)!r} not found in the working directory ({Path.cwd()}) "
+                            f"nor in the ttt_bench package ({PACKAGE_DIR}); give an absolute path")
+
+
+def librilight_meta(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """The useful part of a LibriLight ``.json`` (voice activity is summarised, not copied)."""
+    raw = raw or {}
+    out: dict[str, Any] = {}
+    if "speaker" in raw:
+        out["speaker"] = str(raw["speaker"])
+    book = raw.get("book_meta") or {}
+    if book.get("title"):
+        out["title"] = book["title"]
+    authors = book.get("authors") or []
+    names = [a.get("name", "") if isinstance(a, dict) else str(a) for a in authors]
+    if any(names):
+        out["authors"] = [n for n in names if n]
+    if raw.get("snr") is not None:
+        out["snr"] = float(raw["snr"])
+    if raw.get("voice_activity"):
+        out["voice_s"] = round(sum(float(e) - float(s) for s, e in raw["voice_activity"]), 2)
+    return out
+
+
+def _split_id(parts: list[str]) -> dict[str, str]:
+    """speaker/book/file from the last three parts of a LibriLight-style key or path."""
+    parts = [p for p in parts if p]
+    names = ("speaker", "book", "file")[-len(parts[-3:]):]
+    return dict(zip(names, parts[-3:]))
+
+
+# -- WebDataset (Hub or local tars) ----------------------------------------------------------
+
+
+@dataclass
+class WebDatasetSource:
+    data_files: list[str]
+    repo: str | None = None
+    audio_field: str = "flac"
+    meta_field: str = "json"
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "WebDatasetSource":
+        files = spec.get("data_files")
+        if not files:
+            raise ValueError("source type webdataset needs data_files (a tar pattern or list of tars)")
+        files = [files] if isinstance(files, str) else list(files)
+        repo = spec.get("repo")
+        return cls([_data_file(f, repo) for f in files], repo, spec.get("audio_field", "flac"),
+                   spec.get("meta_field", "json"))
+
+    @property
+    def label(self) -> str:
+        return f"webdataset:{self.repo or ','.join(self.data_files)}"
+
+    def __iter__(self) -> Iterator[AudioItem]:
+        import datasets
+
+        features = datasets.Features({"__key__": datasets.Value("string"), "__url__": datasets.Value("string"),
+                                      self.audio_field: datasets.Value("binary"), self.meta_field: datasets.Json()})
+        ds = datasets.load_dataset("webdataset", data_files={"train": self.data_files}, split="train",
+                                   streaming=True, features=features)
+        for sample in ds:
+            key = sample["__key__"]
+            parts = _split_id(key.split("/"))
+            meta = {"source": self.label, "key": key, **parts, **librilight_meta(sample.get(self.meta_field))}
+            meta["speaker"] = parts.get("speaker", meta.get("speaker", ""))
+            yield AudioItem("/".join(parts.values()), meta, data=sample.get(self.audio_field) or b"")
+
+
+def _data_file(pattern: str, repo: str | None) -> str:
+    if "://" in pattern:
+        return pattern
+    if repo:
+        return f"hf://datasets/{repo}/{pattern.lstrip('/')}"
+    if Path(pattern).expanduser().is_absolute():
+        return str(Path(pattern).expanduser())
+    return str(Path.cwd() / pattern)
+
+
+# -- local LibriLight folder -----------------------------------------------------------------
+
+
+@dataclass
+class LibriLightDirSource:
+    root: Path
+    extensions: tuple[str, ...] = AUDIO_EXTENSIONS
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "LibriLightDirSource":
+        if not spec.get("path"):
+            raise ValueError("source type librilight_dir needs path (the folder holding <speaker>/<book>/<file>.flac)")
+        root = resolve_path(spec["path"], "librilight_dir path")
+        if not root.is_dir():
+            raise NotADirectoryError(f"librilight_dir path {root} is not a directory")
+        exts = tuple(e.lower().lstrip(".") for e in spec.get("extensions", AUDIO_EXTENSIONS))
+        return cls(root, exts)
+
+    @property
+    def label(self) -> str:
+        return f"librilight_dir:{self.root}"
+
+    def files(self) -> list[Path]:
+        found = [p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in self.extensions]
+        if not found:
+            logger.warning("no audio files (%s) under %s", ", ".join(self.extensions), self.root)
+        return sorted(found, key=lambda p: p.relative_to(self.root).as_posix())
+
+    def __iter__(self) -> Iterator[AudioItem]:
+        import json
+
+        for path in self.files():
+            rel = PurePosixPath(path.relative_to(self.root).as_posix()).with_suffix("")
+            parts = _split_id(list(rel.parts))
+            meta: dict[str, Any] = {"source": self.label, "path": str(path), **parts}
+            sidecar = path.with_suffix(".json")
+            if sidecar.is_file():
+                try:
+                    meta.update(librilight_meta(json.loads(sidecar.read_text())))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    logger.warning("%s: unreadable metadata (%s); using the path only", sidecar, exc)
+            meta["speaker"] = parts.get("speaker", meta.get("speaker", ""))
+            yield AudioItem("/".join(parts.values()), meta, path=path)
+
+
+# -- any HF audio dataset --------------------------------------------------------------------
+
+
+@dataclass
+class HFAudioSource:
+    path: str
+    name: str | None = None
+    data_files: Any = None
+    data_dir: str | None = None
+    split: str = "train"
+    audio_column: str = "audio"
+    id_column: str | None = None
+    speaker_column: str | None = None
+    book_column: str | None = None
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "HFAudioSource":
+        if not spec.get("path"):
+            raise ValueError("source type hf_audio needs path (a Hub dataset id, a local folder, "
+                             "or a builder name such as parquet / audiofolder with data_files)")
+        keys = ("name", "data_files", "data_dir", "split", "audio_column", "id_column", "speaker_column",
+                "book_column")
+        kwargs = {k: spec[k] for k in keys if spec.get(k) is not None}
+        for key in ("data_dir",):
+            if kwargs.get(key):
+                kwargs[key] = _local_or_as_is(kwargs[key])
+        return cls(path=_local_or_as_is(spec["path"]), **kwargs)
+
+    @property
+    def label(self) -> str:
+        return f"hf_audio:{self.path}" + (f"[{self.split}]" if self.split else "")
+
+    def __iter__(self) -> Iterator[AudioItem]:
+        import datasets
+
+        ds = datasets.load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
+                                   split=self.split, streaming=True)
+        if ds.features is not None and self.audio_column not in ds.features:
+            raise KeyError(f"{self.label}: no audio column {self.audio_column!r}; columns are "
+                           f"{', '.join(ds.features)} (set source.audio_column)")
+        if ds.features is not None and isinstance(ds.features[self.audio_column], datasets.Audio):
+            ds = ds.cast_column(self.audio_column, datasets.Audio(decode=False))
+        for index, row in enumerate(ds):
+            yield self._item(index, row)
+
+    def _item(self, index: int, row: dict[str, Any]) -> AudioItem:
+        value = row[self.audio_column]
+        data, path = (value, None) if isinstance(value, (bytes, bytearray)) else (
+            (value or {}).get("bytes"), (value or {}).get("path"))
+        if self.id_column:
+            item_id = str(row[self.id_column])
+        elif path:
+            item_id = PurePosixPath(str(path)).with_suffix("").as_posix().lstrip("/")
+            item_id = "/".join(item_id.split("/")[-3:])
+        else:
+            item_id = f"{index:06d}"
+        meta: dict[str, Any] = {"source": self.label, "index": index}
+        for key, column in (("speaker", self.speaker_column), ("book", self.book_column)):
+            if column:
+                meta[key] = str(row[column])
+        local = Path(path) if (path and data is None and Path(path).is_file()) else None
+        if data is None and local is None:
+            data = b""  # reported as an empty file, not silently dropped
+        return AudioItem(item_id, meta, data=bytes(data) if data is not None else None, path=local)
+
+
+def _local_or_as_is(path: str) -> str:
+    """A local folder/file (working directory, then package) as an absolute path; anything else
+    (``parquet``, ``audiofolder``, ``user/dataset``) unchanged for ``datasets`` to resolve."""
+    try:
+        return str(resolve_path(path))
+    except FileNotFoundError:
+        return path
+
+
+def make_source(spec: dict[str, Any]):
+    """Build the source described by ``spec`` (``config.source``)."""
+    kind = spec.get("type")
+    builders = {"webdataset": WebDatasetSource, "librilight_dir": LibriLightDirSource, "hf_audio": HFAudioSource}
+    if kind not in builders:
+        raise ValueError(f"source.type {kind!r} is not one of {', '.join(SOURCE_TYPES)}")
+    return builders[kind].from_spec(spec)
