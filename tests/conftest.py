@@ -1,13 +1,19 @@
 import copy
 import os
 import sys
+import tempfile
 from pathlib import Path
+
+# Before anything imports huggingface_hub (it reads these once): no network, and a private cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="ttt_bench_test_hf_")
+os.environ.pop("HF_HUB_CACHE", None)
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helper modules (moshi_reference, hf_cache)
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -31,5 +37,16 @@ def lm32():
 def _isolated_caches(tmp_path_factory, monkeypatch):
     """No test reads or writes the user's caches, and none can reach the network."""
     monkeypatch.setenv("TTT_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "ttt_bench_cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def hf_hub_cache() -> Path:
+    """The (private, offline) Hugging Face hub cache the tests' loaders read."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def assert_exactly_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bit-for-bit equal, NaN where the other is NaN (``torch.equal`` is False for any NaN)."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

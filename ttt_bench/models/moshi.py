@@ -121,9 +121,13 @@ def checkpoint_info(pretrained: str) -> loaders.CheckpointInfo:
         for key, name in files.items():
             if not (local / name).is_file():
                 raise FileNotFoundError(f"local Moshi checkpoint {local}: {key} file {name} not found (looked for {local / name})")
+        mimi_config = config.get("mimi_config_name")
+        if mimi_config is not None and not (local / mimi_config).is_file():
+            raise FileNotFoundError(f"local Moshi checkpoint {local}: mimi_config_name file {mimi_config} not found")
         return loaders.CheckpointInfo.from_hf_repo(
             str(local), moshi_weights=local / files["moshi_weights"], mimi_weights=local / files["mimi_weights"],
-            tokenizer=no_tokenizer, config_path=config_path)
+            tokenizer=no_tokenizer, config_path=config_path,
+            mimi_config_path=local / mimi_config if mimi_config else None)
     try:
         return loaders.CheckpointInfo.from_hf_repo(pretrained, tokenizer=no_tokenizer)
     except Exception as exc:  # huggingface_hub raises several types for missing files / offline
