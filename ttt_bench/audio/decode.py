@@ -21,6 +21,7 @@ from ..models.moshi import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 
 AudioInput = Union[bytes, str, Path]
 BLOCK_SECONDS = 10.0  # size of the blocks read from the file (at its own sample rate)
+EXACT_LENGTH_FORMATS = ("FLAC", "WAV", "WAVEX", "W64", "RF64", "AIFF")  # headers give the exact length
 
 
 class DecodeError(ValueError):
@@ -67,7 +68,7 @@ def probe(audio: AudioInput) -> AudioInfo:
         with _open(audio) as f:
             info = AudioInfo(sample_rate=f.samplerate, n_samples=f.frames, channels=f.channels, format=f.format)
     except sf.LibsndfileError as exc:
-        raise DecodeError(f"does not decode as audio ({exc})") from exc
+        raise DecodeError(f"does not decode as audio ({_reason(exc)})") from exc
     if info.n_samples <= 0:
         raise DecodeError("empty recording (0 samples)")
     return info
@@ -85,9 +86,14 @@ def iter_audio_24k(audio: AudioInput, max_samples: int | None = None,
         with _open(audio) as f:
             resampler = soxr.ResampleStream(f.samplerate, SAMPLE_RATE, 1, dtype="float32")
             block = max(1, int(block_seconds * f.samplerate))
+            n_read = 0
             while max_samples is None or produced < max_samples:
                 data = f.read(block, dtype="float32", always_2d=True)
+                n_read += len(data)
                 last = len(data) < block
+                if last and n_read < f.frames and f.format in EXACT_LENGTH_FORMATS:
+                    raise DecodeError(f"truncated: the header promises {f.frames} samples, "
+                                      f"the file holds {n_read}")
                 out = resampler.resample_chunk(data.mean(axis=1), last=last)
                 out = out if max_samples is None else out[: max_samples - produced]
                 produced += len(out)
@@ -96,12 +102,17 @@ def iter_audio_24k(audio: AudioInput, max_samples: int | None = None,
                 if last:
                     break
     except sf.LibsndfileError as exc:
-        raise DecodeError(f"does not decode as audio ({exc})") from exc
+        raise DecodeError(f"does not decode as audio ({_reason(exc)})") from exc
     if produced == 0:
         raise DecodeError("empty recording (0 samples)")
     pad = (-produced) % FRAME_SIZE
     if pad:
         yield np.zeros(pad, dtype=np.float32)
+
+
+def _reason(exc: sf.LibsndfileError) -> str:
+    text = str(getattr(exc, "error_string", "") or exc)
+    return text.split(">: ", 1)[-1].strip()  # drop "Error opening <_io.BytesIO object at ...>: "
 
 
 def load_audio_24k(audio: AudioInput, max_samples: int | None = None) -> np.ndarray:

@@ -225,8 +225,14 @@ class HFAudioSource:
     def __iter__(self) -> Iterator[AudioItem]:
         import datasets
 
+        kwargs: dict[str, Any] = {}
+        if self.path == "audiofolder":
+            # the folder builder encodes file paths with the Audio feature, which needs torchcodec;
+            # take the paths as strings instead (speaker/book come from the folder layout)
+            kwargs = {"features": datasets.Features({self.audio_column: datasets.Value("string")}),
+                      "drop_labels": True, "drop_metadata": True}
         ds = datasets.load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
-                                   split=self.split, streaming=True)
+                                   split=self.split, streaming=True, **kwargs)
         if ds.features is not None and self.audio_column not in ds.features:
             raise KeyError(f"{self.label}: no audio column {self.audio_column!r}; columns are "
                            f"{', '.join(ds.features)} (set source.audio_column)")
@@ -235,18 +241,35 @@ class HFAudioSource:
         for index, row in enumerate(ds):
             yield self._item(index, row)
 
+    def _relative_id(self, path: str) -> str:
+        """The file's path without extension, relative to data_dir when it lies inside it."""
+        p = PurePosixPath(Path(path).as_posix())
+        if self.data_dir:
+            try:
+                p = p.relative_to(Path(self.data_dir).resolve().as_posix())
+            except ValueError:
+                p = PurePosixPath(*p.parts[-3:])
+        elif p.is_absolute():
+            p = PurePosixPath(*p.parts[-3:])
+        return p.with_suffix("").as_posix()
+
     def _item(self, index: int, row: dict[str, Any]) -> AudioItem:
         value = row[self.audio_column]
-        data, path = (value, None) if isinstance(value, (bytes, bytearray)) else (
-            (value or {}).get("bytes"), (value or {}).get("path"))
+        if isinstance(value, (bytes, bytearray)):
+            data, path = value, None
+        elif isinstance(value, str):
+            data, path = None, value
+        else:
+            data, path = (value or {}).get("bytes"), (value or {}).get("path")
         if self.id_column:
             item_id = str(row[self.id_column])
         elif path:
-            item_id = PurePosixPath(str(path)).with_suffix("").as_posix().lstrip("/")
-            item_id = "/".join(item_id.split("/")[-3:])
+            item_id = self._relative_id(str(path))
         else:
             item_id = f"{index:06d}"
         meta: dict[str, Any] = {"source": self.label, "index": index}
+        if item_id.count("/") == 2:  # <speaker>/<book>/<file>, as in a LibriLight layout
+            meta.update(_split_id(item_id.split("/")))
         for key, column in (("speaker", self.speaker_column), ("book", self.book_column)):
             if column:
                 meta[key] = str(row[column])
