@@ -64,6 +64,15 @@ def parse_kv(text: str | None, flag: str) -> dict[str, Any]:
     return result
 
 
+def batch_size_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ttt-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -78,7 +87,8 @@ def run_parser() -> argparse.ArgumentParser:
                         "name.k=v for one model only (ttt.layers=[1,2])")
     p.add_argument("--task_args", default="", help="k=v,... overriding task config keys (max_frames=2000, ...)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N documents per task")
-    p.add_argument("--batch_size", type=int, default=1, help="documents scored together (grouped by length)")
+    p.add_argument("--batch_size", type=batch_size_arg, default=1,
+                   help="documents scored together (grouped by length), or 'auto': the largest that fits on the GPU")
     p.add_argument("--chunk_size", type=int, default=64, help="frames per streaming call (any value gives the same NLL)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
@@ -92,13 +102,16 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail the run when a sanity flag is raised")
     p.add_argument("--on_bad_input", default="skip", choices=["skip", "fail"],
                    help="unreadable, empty or too-short audio: skip it (reported) or fail")
+    p.add_argument("--on_error", default="skip", choices=["skip", "fail"],
+                   help="a document that fails (out of memory, model error, non-finite loss under --strict): "
+                        "record it and go on (skip), or stop after saving everything done (fail)")
     p.add_argument("--verbosity", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     return p
 
 
 def cmd_run(argv: Sequence[str]) -> int:
     from .registry import add_task_config_dir
-    from .runner import RunSpec, evaluate
+    from .runner import RunSpec, RunStopped, evaluate
 
     args = run_parser().parse_args(argv)
     logging.basicConfig(level=args.verbosity, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -110,8 +123,15 @@ def cmd_run(argv: Sequence[str]) -> int:
         limit=args.limit, batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
         dtype=args.dtype, seed=args.seed, output_path=args.output_path, overwrite=args.overwrite,
         resume=args.resume, baseline=args.baseline, strict=args.strict, on_bad_input=args.on_bad_input,
-        command=shlex.join(["ttt-bench", *argv]))
-    results = evaluate(spec)
+        on_error=args.on_error, command=shlex.join(["ttt-bench", *argv]))
+    try:
+        results = evaluate(spec)
+    except RunStopped as stop:
+        if stop.is_main:
+            print(f"ttt-bench: {stop}\nresume with:\n  {stop.resume_command}", file=sys.stderr)
+        return stop.exit_code
+    if results is None:  # not the main process: the main process alone reports
+        return 0
     out = Path(results["config"]["output_path"])
     print((out / "leaderboard.md").read_text())
     print(f"\nwrote {out}/results.json, curves.npz, leaderboard.md, loss_vs_position.png")
