@@ -1,25 +1,40 @@
 """The evaluation loop: build scorers and the codec, load each task's documents, shard them
-across processes (Accelerate), score, gather on the main process and write the outputs."""
+across processes (Accelerate), score in length-grouped batches, persist every finished document
+at once, gather on the main process and write the outputs.
+
+Run data-parallel with ``accelerate launch -m ttt_bench ...`` (any number of processes, GPUs
+and nodes); a plain ``ttt-bench ...`` is one process. Every process builds the scorers and the
+codec; the main process of each node encodes the audio first (warming the code cache), then
+every process loads the same document list, takes its share of the pending documents (longest
+first onto the least-loaded process), scores it and persists each document as soon as it is
+done (``ttt_bench.records``). The main process alone writes the outputs, always from the
+persisted records, so a resumed run and an uninterrupted one produce the same results.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import platform
+import shlex
 import shutil
+import signal
 import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+from .batching import BatchScorer, auto_batch_size, iter_batches
+from .distributed import Dist, shard_by_length
+from .interrupt import Interrupted, SignalGuard, exit_code
 from .metrics import DocRecord, MetricsConfig, raise_on_flags
 from .models.base import StreamLayout
+from .records import DocFailure, LogEntry, RecordStore, config_hash
 from .registry import get_model, get_task
 from .tasks.base import Document
 from .verify import verify_scorer
@@ -38,7 +53,7 @@ class RunSpec:
     model_args: dict[str, Any] = field(default_factory=dict)
     task_overrides: dict[str, Any] = field(default_factory=dict)
     limit: int | None = None
-    batch_size: int = 1
+    batch_size: int | str = 1  # or "auto" (largest that fits on the CUDA device)
     chunk_size: int = 64
     device: str = "auto"
     dtype: str = "float32"
@@ -49,6 +64,7 @@ class RunSpec:
     baseline: str | None = None
     strict: bool = False
     on_bad_input: str = "skip"
+    on_error: str = "skip"  # a document that fails: record it and go on (skip) or stop (fail)
     command: str = ""
 
     def output_dir(self) -> Path:
@@ -61,17 +77,46 @@ class OutputExistsError(FileExistsError):
     pass
 
 
-def prepare_output_dir(spec: RunSpec) -> Path:
+class RunStopped(RuntimeError):
+    """The run stopped before every document was scored (signal, or ``--on_error fail``); the
+    outputs written so far say ``complete: false``. ``exit_code`` is what the CLI exits with."""
+
+    def __init__(self, message: str, exit_code: int, resume_command: str, is_main: bool):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.resume_command = resume_command
+        self.is_main = is_main
+
+
+def validate_spec(spec: RunSpec) -> None:
+    if spec.on_error not in ("skip", "fail"):
+        raise ValueError(f"--on_error must be 'skip' or 'fail', got {spec.on_error!r}")
+    if spec.batch_size != "auto" and (not isinstance(spec.batch_size, int) or spec.batch_size < 1):
+        raise ValueError(f"--batch_size must be a positive integer or 'auto', got {spec.batch_size!r}")
+
+
+def holds_run(out: Path) -> bool:
+    return (out / "results.json").exists() or (out / "records").exists()
+
+
+def check_output_dir(spec: RunSpec) -> Path:
+    """Raise if ``--output_path`` holds a run and neither --overwrite nor --resume was given
+    (read-only, so every process can run it before any of them writes)."""
     out = spec.output_dir()
-    if (out / "results.json").exists() or (out / "records").exists():
-        if spec.overwrite:
-            for name in OUTPUT_FILES + ("records", "samples.jsonl", "loss_vs_position.svg"):
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        elif not spec.resume:
-            raise OutputExistsError(
-                f"{out} already holds a run; pass --overwrite to replace it, --resume to continue it, "
-                "or --output_path to write elsewhere")
+    if holds_run(out) and not (spec.overwrite or spec.resume):
+        raise OutputExistsError(
+            f"{out} already holds a run; pass --overwrite to replace it, --resume to continue it, "
+            "or --output_path to write elsewhere")
+    return out
+
+
+def prepare_output_dir(spec: RunSpec) -> Path:
+    """Check, then clear (``--overwrite``) and create the output directory (main process)."""
+    out = check_output_dir(spec)
+    if holds_run(out) and spec.overwrite:
+        for name in OUTPUT_FILES + ("records", "samples.jsonl", "loss_vs_position.svg"):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -125,47 +170,6 @@ def metrics_config(task_config, lm) -> MetricsConfig:
         delays=lm.delays[lm.audio_offset:lm.audio_offset + lm.dep_q], targets=task_config.targets)
 
 
-def batches_by_length(docs: list[Document], batch_size: int) -> list[list[Document]]:
-    ordered = sorted(docs, key=lambda d: (-d.n_frames, d.doc_id))
-    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-
-def mask_past_end(nll: torch.Tensor, delays: list[int]) -> torch.Tensor:
-    """NaN where a stream of this length has no prediction, as if it had been scored alone
-    (in a padded batch, the padding supplies a prediction for the last delayed frames)."""
-    T = nll.shape[-1]
-    for k, delay in enumerate(delays):
-        if delay:
-            nll[k, max(T - delay, 0):] = float("nan")
-    return nll
-
-
-def score_documents(name: str, scorer, docs: list[Document], spec: RunSpec,
-                    layout: StreamLayout, show_progress: bool = True) -> list[DocRecord]:
-    """Score ``docs`` in length-grouped batches; padding is causal-safe (after each document's
-    end) and trimmed away."""
-    lm = scorer.lm
-    delays = lm.delays[lm.audio_offset:lm.audio_offset + lm.dep_q]
-    records = []
-    total = sum(d.n_frames for d in docs)
-    with tqdm(total=total, unit="frame", desc=name, disable=not show_progress, leave=False) as bar:
-        for batch in batches_by_length(docs, spec.batch_size):
-            length = batch[0].n_frames
-            codes = torch.zeros(len(batch), batch[0].codes.shape[0], length, dtype=torch.long)
-            for i, doc in enumerate(batch):
-                codes[i, :, :doc.n_frames] = doc.codes
-            start = time.perf_counter()
-            nll = scorer.score(codes, chunk_size=spec.chunk_size, layout=layout)
-            elapsed = time.perf_counter() - start
-            frames = sum(d.n_frames for d in batch)
-            for i, doc in enumerate(batch):
-                doc_nll = mask_past_end(nll[i, :, :doc.n_frames].clone(), delays)
-                records.append(DocRecord(doc.doc_id, doc.meta, doc_nll.numpy().astype(np.float32),
-                                         elapsed * doc.n_frames / frames))
-            bar.update(frames)
-    return records
-
-
 def environment() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -196,72 +200,319 @@ def wrap_legacy(scorers: dict[str, Any], window: int | None) -> dict[str, Any]:
             (s if getattr(s, "is_legacy", False) else make_legacy(s, window)) for name, s in scorers.items()}
 
 
-def evaluate(spec: RunSpec) -> dict[str, Any]:
-    """Run every model on every task; returns the results dict that was written to results.json."""
-    from .audio.codec import MimiCodec
-    from .report import write_outputs
 
-    out = prepare_output_dir(spec)
-    torch.manual_seed(spec.seed)
-    device = torch.device("cuda" if spec.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if spec.device == "auto" else spec.device))
-    scorers = build_scorers(spec, device)
-    source = shared_source(scorers)
-    codec = MimiCodec.from_source(source, device=device)
 
-    records: dict[str, dict[str, list[DocRecord]]] = {}
-    cfg_by_task: dict[str, MetricsConfig] = {}
-    task_info: dict[str, Any] = {}
-    skipped: dict[str, list[dict]] = {}
-    model_info: dict[str, Any] = {}
-    verifications: dict[str, list[dict]] = {}
-    first_lm = next(iter(scorers.values())).lm
-    for task_name in spec.tasks:
-        task = get_task(task_name, **spec.task_overrides)
-        config = task.config
+# ----------------------------------------------------------------------------- run config
+
+
+RESULT_KEYS = ("models", "model_args", "tasks", "task_overrides", "limit", "dtype", "seed", "chunk_size",
+               "strict")
+
+
+def hashed_config(spec: RunSpec, tasks: dict[str, Any]) -> dict[str, Any]:
+    """What the persisted records depend on; ``--resume`` refuses a run where any of it differs.
+    Batch size, device and the number of processes are left out: they never change a document's
+    NLL (DESIGN.md invariant 4), so a run can be resumed with a smaller batch or more GPUs."""
+    config = {key: getattr(spec, key) for key in RESULT_KEYS}
+    config["task_configs"] = {name: {k: v for k, v in task.config.to_dict().items() if k != "config_path"}
+                              for name, task in tasks.items()}
+    return config
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class TaskPlan:
+    """One task's documents and everything needed to score and report them."""
+
+    name: str
+    config: Any
+    docs: list[Document]
+    layout: StreamLayout
+    scorers: dict[str, Any]
+    metrics: MetricsConfig
+    info: dict[str, Any]
+    skipped: list[dict[str, Any]]
+
+    def keys(self) -> list[tuple[str, str, str, int]]:
+        return [(self.name, model, d.doc_id, d.n_frames) for model in self.scorers for d in self.docs]
+
+
+def plan_task(name: str, task, codec, scorers: dict[str, Any], spec: RunSpec, dist: Dist) -> TaskPlan:
+    config = task.config
+    with dist.local_main_first():
         docs = task.documents(codec, limit=spec.limit, on_bad_input=spec.on_bad_input)
-        skipped[task_name] = [asdict(s) for s in task.skipped]
-        if task.skipped:
-            logger.warning("%s: skipped %d input(s): %s", task_name, len(task.skipped),
-                           "; ".join(f"{s.doc_id}: {s.reason}" for s in task.skipped))
-        if not docs:
-            raise RuntimeError(f"task {task_name}: no documents to evaluate "
-                               f"({len(task.skipped)} skipped); see the reasons above")
-        layout = layout_for(config, codec)
-        task_scorers = scorers if config.use_fixed_method else wrap_legacy(scorers, config.legacy_window)
-        cfg_by_task[task_name] = metrics_config(config, first_lm)
-        task_info[task_name] = {
-            "config": config.to_dict(), "layout": {"text_stream": layout.text_stream,
-                                                   "user_stream": layout.user_stream},
+    dist.all_agree(hashlib.sha256(json.dumps([(d.doc_id, d.n_frames) for d in docs]).encode()).hexdigest())
+    if task.skipped:
+        logger.warning("%s: skipped %d input(s): %s", name, len(task.skipped),
+                       "; ".join(f"{s.doc_id}: {s.reason}" for s in task.skipped))
+    if not docs:
+        raise RuntimeError(f"task {name}: no documents to evaluate "
+                           f"({len(task.skipped)} skipped); see the reasons above")
+    layout = layout_for(config, codec)
+    task_scorers = scorers if config.use_fixed_method else wrap_legacy(scorers, config.legacy_window)
+    info = {"config": config.to_dict(),
+            "layout": {"text_stream": layout.text_stream, "user_stream": layout.user_stream},
             "data": {"source": config.source, "doc_ids": [d.doc_id for d in docs],
                      "n_frames": [d.n_frames for d in docs]},
-            "codec": codec.hash,
-        }
-        records[task_name] = {}
-        verifications[task_name] = []
-        for name, scorer in task_scorers.items():
-            if config.verify_loss_computation:
-                verifications[task_name].append(
-                    verify_scorer(name, scorer, docs[0].doc_id, docs[0].codes, spec.chunk_size, layout).to_dict())
-            records[task_name][name] = score_documents(name, scorer, docs, spec, layout)
-            info = scorer.info
-            model_info[name] = {"label": info.label, "legacy": bool(getattr(scorer, "is_legacy", False)),
-                                "options": info.options}
-    baseline = spec.baseline or ("frozen" if "frozen" in spec.models else None)
+            "codec": codec.hash}
+    return TaskPlan(name, config, docs, layout, task_scorers, metrics_config(config, next(iter(scorers.values())).lm),
+                    info, [asdict(s) for s in task.skipped])
+
+
+def verify_all(plans: list[TaskPlan], spec: RunSpec) -> dict[str, list[dict]]:
+    """Built-in verification (``verify_loss_computation``) of every model on each task's first document."""
+    out: dict[str, list[dict]] = {}
+    for plan in plans:
+        out[plan.name] = []
+        if not plan.config.verify_loss_computation:
+            continue
+        doc = plan.docs[0]
+        for name, scorer in plan.scorers.items():
+            out[plan.name].append(verify_scorer(name, scorer, doc.doc_id, doc.codes, spec.chunk_size,
+                                                plan.layout).to_dict())
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ShareOutcome:
+    """What one process did: the log entries it wrote and why it stopped early, if it did."""
+
+    written: list[LogEntry] = field(default_factory=list)
+    signum: int | None = None
+    failed: str | None = None  # --on_error fail: the failure that stopped the run
+    peer_stop: bool = False  # another process asked every process to stop
+
+    @property
+    def stopped(self) -> bool:
+        return self.signum is not None or self.failed is not None or self.peer_stop
+
+
+def my_share(docs: list[Document], dist: Dist) -> list[Document]:
+    return [docs[i] for i in shard_by_length([d.n_frames for d in docs], dist.world_size)[dist.rank]]
+
+
+def batch_size_for(scorer, docs: list[Document], spec: RunSpec, layout: StreamLayout) -> int:
+    size = (auto_batch_size(scorer, docs, spec.chunk_size, layout) if spec.batch_size == "auto"
+            else int(spec.batch_size))
+    cap = getattr(scorer, "max_batch_size", None)  # adapters whose state is shared across rows
+    return min(size, cap) if cap else size
+
+
+def score_model(plan: TaskPlan, model: str, docs: list[Document], spec: RunSpec, store: RecordStore,
+                guard: SignalGuard, dist: Dist, outcome: ShareOutcome) -> None:
+    """Score ``docs`` (this process's share) with one model, persisting each document at once."""
+    scorer = plan.scorers[model]
+    batcher = BatchScorer(scorer, spec.chunk_size, plan.layout, spec.strict)
+    size = batch_size_for(scorer, docs, spec, plan.layout)
+    total = sum(d.n_frames for d in docs)
+    with tqdm(total=total, unit="frame", desc=f"{plan.name}/{model}", disable=not dist.is_main or not docs,
+              leave=False) as bar:
+        for batch in iter_batches(docs, lambda: size):
+            if store.stop_requested():
+                outcome.peer_stop = True
+                return
+            results, fit = batcher.score(batch)
+            size = min(size, fit)
+            with guard.writing():
+                for result in results:
+                    outcome.written.append(persist(store, plan.name, model, result))
+            bar.update(sum(d.n_frames for d in batch))
+            failures = [r for r in results if isinstance(r, DocFailure)]
+            if failures and spec.on_error == "fail":
+                outcome.failed = f"{plan.name}/{model}/{failures[0].doc_id}: {failures[0].error}"
+                store.request_stop(f"--on_error fail: {outcome.failed}")
+                return
+
+
+def persist(store: RecordStore, task: str, model: str, result: DocRecord | DocFailure) -> LogEntry:
+    if isinstance(result, DocFailure):
+        return store.save_failure(task, model, result)
+    return store.save(task, model, result)
+
+
+def score_share(plans: list[TaskPlan], done: set[tuple[str, str, str]], spec: RunSpec, store: RecordStore,
+                guard: SignalGuard, dist: Dist) -> ShareOutcome:
+    """This process's share of every pending (task, model, document), until done or stopped."""
+    outcome = ShareOutcome()
+    try:
+        with guard.arming():
+            for plan in plans:
+                for model in plan.scorers:
+                    pending = [d for d in plan.docs if (plan.name, model, d.doc_id) not in done]
+                    if len(pending) < len(plan.docs) and dist.is_main:
+                        logger.info("%s/%s: %d of %d documents already done (resumed)", plan.name, model,
+                                    len(plan.docs) - len(pending), len(plan.docs))
+                    score_model(plan, model, my_share(pending, dist), spec, store, guard, dist, outcome)
+                    if outcome.stopped:
+                        return outcome
+    except Interrupted as stop:
+        outcome.signum = stop.signum
+        store.request_stop(f"{signal.Signals(stop.signum).name} on process {dist.rank}")
+    return outcome
+
+
+# ----------------------------------------------------------------------------- gathering
+
+
+def sync_to_main(dist: Dist, store: RecordStore, written: list[LogEntry]) -> None:
+    """Make sure the main process's store holds what every process wrote. On a shared file
+    system it already does; otherwise the missing records are sent to it."""
+    if not dist.distributed:
+        return
+    gathered = dist.gather(written)
+    missing = None
+    if dist.is_main:
+        index = store.index()
+        missing = [[e for e in entries if not store.has(index, e)] for entries in gathered]
+    missing = dist.broadcast(missing)
+    payload = [store.read_bytes(e) if e.status == "ok" else None for e in missing[dist.rank]]
+    sent = dist.gather(payload)
+    if dist.is_main:
+        for entries, datas in zip(missing, sent):
+            for entry, data in zip(entries, datas):
+                store.import_entry(entry, data)
+
+
+def collect(plans: list[TaskPlan], store: RecordStore
+            ) -> tuple[dict[str, dict[str, list[DocRecord]]], dict[str, dict[str, list[dict]]], int]:
+    """Records in document order and failures per task and model, from the store; and how many
+    (task, model, document) are neither."""
+    wanted = [key for plan in plans for key in plan.keys()]
+    done, failed = store.load_done(wanted)
+    records: dict[str, dict[str, list[DocRecord]]] = {}
+    failures: dict[str, dict[str, list[dict]]] = {}
+    for plan in plans:
+        records[plan.name], failures[plan.name] = {}, {}
+        for model in plan.scorers:
+            keys = [(plan.name, model, d.doc_id) for d in plan.docs]
+            records[plan.name][model] = [done[k] for k in keys if k in done]
+            failures[plan.name][model] = [asdict(failed[k]) for k in keys if k in failed and k not in done]
+    return records, failures, sum(1 for t, m, d, _ in wanted if (t, m, d) not in done and (t, m, d) not in failed)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def resume_command(spec: RunSpec, dist: Dist) -> str:
+    """The command that continues this run."""
+    words = shlex.split(spec.command) if spec.command else ["ttt-bench", "--model", ",".join(spec.models),
+                                                            "--tasks", ",".join(spec.tasks)]
+    args = [w for w in words[1:] if w != "--overwrite"]
+    if "--output_path" not in args and not any(a.startswith("--output_path=") for a in args):
+        args += ["--output_path", str(spec.output_dir())]
+    if "--resume" not in args:
+        args.append("--resume")
+    if dist.distributed:  # same process count (any count gives the same results; multi-node: your config)
+        launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(dist.world_size)]
+        return shlex.join(launch + ["-m", "ttt_bench", *args])
+    return shlex.join([words[0], *args])
+
+
+def write_results(out: Path, spec: RunSpec, plans: list[TaskPlan], store: RecordStore, complete: bool,
+                  verifications: dict[str, list[dict]], dist: Dist) -> dict[str, Any]:
+    """results.json and the other outputs from the persisted records (main process)."""
+    from .report import write_outputs
+
+    records, failures, n_missing = collect(plans, store)
+    complete = complete and n_missing == 0
+    n_failed = sum(len(f) for models in failures.values() for f in models.values())
+    if n_failed:
+        logger.warning("%d document(s) failed; see \"failed\" in results.json", n_failed)
+    kept = {t: {m: recs for m, recs in models.items() if recs} for t, models in records.items()}
+    kept = {t: models for t, models in kept.items() if models}
+    model_info = {name: {"label": s.info.label, "legacy": bool(getattr(s, "is_legacy", False)),
+                         "options": s.info.options}
+                  for plan in plans for name, s in plan.scorers.items()}
     run = {
         "config": {**asdict(spec), "output_path": str(out)},
         "command": spec.command,
         "environment": environment(),
         "git_hash": git_hash(),
-        "complete": True,
-        "skipped": skipped,
+        "complete": complete,
+        "config_hash": store.config_hash,
+        "num_processes": dist.world_size,
+        "skipped": {plan.name: plan.skipped for plan in plans},
+        "failed": failures,
         "models": model_info,
-        "tasks": task_info,
+        "tasks": {plan.name: plan.info for plan in plans},
         "verification": verifications,
-        "baseline": baseline,
+        "baseline": spec.baseline or ("frozen" if "frozen" in spec.models else None),
     }
-    write_outputs(out, run, records, cfg_by_task)
-    results = __import__("json").loads((out / "results.json").read_text())
-    if spec.strict:
+    if not complete:
+        run["resume_command"] = resume_command(spec, dist)
+    write_outputs(out, run, kept, {plan.name: plan.metrics for plan in plans if plan.name in kept})
+    return json.loads((out / "results.json").read_text())
+
+
+def final_exit_code(outcomes: list[ShareOutcome]) -> tuple[int, str]:
+    """The exit code and reason of the whole run from every process's outcome."""
+    for o in outcomes:
+        if o.signum is not None:
+            return exit_code(o.signum), f"interrupted by {signal.Signals(o.signum).name}"
+    for o in outcomes:
+        if o.failed is not None:
+            return 1, f"stopped by --on_error fail after a failed document ({o.failed})"
+    if any(o.peer_stop for o in outcomes):
+        return 1, "stopped at another process's request"
+    return 0, ""
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def setup_store(spec: RunSpec, dist: Dist, tasks: dict[str, Any]) -> tuple[Path, RecordStore]:
+    """Output directory and record store; refuses a resume whose config differs. Every process
+    checks before the main process writes anything, so they all fail alike."""
+    out = check_output_dir(spec)
+    config = hashed_config(spec, tasks)
+    store = RecordStore(out, config_hash(config), dist.rank)
+    if spec.resume:
+        store.check_config(config)
+    dist.barrier()
+    if dist.is_main:
+        prepare_output_dir(spec)
+        store.write_config(config)
+        store.clear_stop()
+    dist.barrier()
+    return out, store
+
+
+def evaluate(spec: RunSpec) -> dict[str, Any] | None:
+    """Run every model on every task. Returns the results.json dict on the main process and None
+    on the others; raises :class:`RunStopped` (after writing partial outputs) when the run was
+    interrupted or stopped by a failed document under ``--on_error fail``."""
+    from .audio.codec import MimiCodec
+
+    validate_spec(spec)
+    dist = Dist.create(spec.device)
+    tasks = {name: get_task(name, **spec.task_overrides) for name in spec.tasks}
+    out, store = setup_store(spec, dist, tasks)
+    torch.manual_seed(spec.seed)
+    scorers = build_scorers(spec, dist.device)
+    codec = MimiCodec.from_source(shared_source(scorers), device=dist.device)
+    plans = [plan_task(name, task, codec, scorers, spec, dist) for name, task in tasks.items()]
+    verifications = verify_all(plans, spec) if dist.is_main else {}
+    done = dist.broadcast(set(store.load_done([k for p in plans for k in p.keys()])[0]) if dist.is_main else None)
+    guard = SignalGuard()
+    with guard.installed():
+        outcome = score_share(plans, done, spec, store, guard, dist)
+        sync_to_main(dist, store, outcome.written)
+        outcomes = dist.gather(outcome)
+        results = None
+        code, reason = final_exit_code(outcomes) if dist.is_main else (0, "")
+        if dist.is_main:
+            results = write_results(out, spec, plans, store, code == 0, verifications, dist)
+            store.clear_stop()
+        code, reason = dist.broadcast((code, reason))
+    dist.close()
+    if code:
+        raise RunStopped(f"{reason}; partial results in {out} (complete: false)", code,
+                         resume_command(spec, dist), dist.is_main)
+    if dist.is_main and spec.strict:
         raise_on_flags(results["results"])
     return results
