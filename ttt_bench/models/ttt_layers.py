@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from moshi.modules.streaming import State, StreamingModule
 from moshi.modules.transformer import StreamingTransformerLayer, create_norm_fn
+from moshi.utils.compile import no_compile
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +348,11 @@ class TTTTransformerLayer(StreamingTransformerLayer):
     ttt_branch: TTTBranch
 
     def forward(self, x: torch.Tensor, cross_attention_src: torch.Tensor | None = None):
-        return self.ttt_branch(super().forward(x, cross_attention_src))
+        x = super().forward(x, cross_attention_src)
+        with ExitStack() as stack:
+            if x.device.type != "cuda":  # as moshi's layers: no torch.compile of the norm on CPU
+                stack.enter_context(no_compile())
+            return self.ttt_branch(x)
 
 
 def insert_ttt_branch(layer: StreamingTransformerLayer, branch: TTTBranch) -> None:

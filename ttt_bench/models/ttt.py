@@ -1,0 +1,218 @@
+"""The ttt adapter: Moshi with TTT layers in its main transformer, scored like ``frozen``.
+
+The TTT branches are moshi ``StreamingModule``s inside the transformer layers, so the frozen
+scorer's chunked streaming pass carries their fast weights from chunk to chunk and resets them
+per document: the TTT update happens in the same pass that produces the loss.
+
+A TTT checkpoint is a directory with ``ttt_config.json`` (the options below and the base model)
+and ``ttt.safetensors`` (the parameters under ``transformer.layers.<i>.ttt_branch.``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from moshi.models.lm import LMModel
+from safetensors.torch import load_file, save_file
+
+from ..registry import register_model
+from .frozen import FrozenScorer
+from .ttt_layers import INNER_KINDS, TTTBranch, insert_ttt_branch, reset_streaming_children_cache
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "ttt_config.json"
+WEIGHTS_NAME = "ttt.safetensors"
+CHECKPOINT_FORMAT = "ttt-bench/ttt-checkpoint/v1"
+BRANCH_KEY = ".ttt_branch."
+
+
+@dataclass
+class TTTOptions:
+    """Where and how TTT goes into Moshi.
+
+    layers: indices into the main transformer ([1, 3], 3, "1;3", "1 3", negative from the end),
+    or "last N", or "all". num_heads None: the transformer's own number of heads.
+    """
+
+    layers: Any = "last 2"
+    inner: str = "linear"
+    mini_batch_size: int = 16
+    base_lr: float = 1.0
+    num_heads: int | None = None
+    gate_init: float = 0.1
+
+    def __post_init__(self):
+        if self.inner not in INNER_KINDS:
+            raise ValueError(f"TTT inner={self.inner!r}: choose one of {', '.join(INNER_KINDS)}")
+        self.mini_batch_size = int(self.mini_batch_size)
+        self.base_lr, self.gate_init = float(self.base_lr), float(self.gate_init)
+        self.num_heads = None if self.num_heads in (None, "", "None") else int(self.num_heads)
+        if self.mini_batch_size < 1:
+            raise ValueError(f"TTT mini_batch_size must be >= 1, got {self.mini_batch_size}")
+
+    def resolve(self, lm: LMModel) -> "TTTOptions":
+        """These options with ``layers`` as a sorted list of indices and ``num_heads`` set."""
+        heads = self.num_heads or lm.transformer.layers[0].self_attn.num_heads
+        return TTTOptions(parse_layers(self.layers, len(lm.transformer.layers)), self.inner,
+                          self.mini_batch_size, self.base_lr, heads, self.gate_init)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> "TTTOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown TTT option(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def parse_layers(layers: Any, num_layers: int) -> list[int]:
+    """Layer spec -> sorted distinct indices in [0, num_layers)."""
+    if isinstance(layers, str):
+        spec = layers.strip().lower()
+        if spec == "all":
+            return list(range(num_layers))
+        last = re.fullmatch(r"last\s*[_-]?\s*(\d+)", spec)
+        if last:
+            n = int(last.group(1))
+            if not 1 <= n <= num_layers:
+                raise ValueError(f"TTT layers={layers!r}: the transformer has {num_layers} layers")
+            return list(range(num_layers - n, num_layers))
+        try:
+            layers = [int(part) for part in re.split(r"[\s;+:]+", spec) if part]
+        except ValueError:
+            raise ValueError(f"TTT layers={layers!r}: give indices ('1;3'), 'last N' or 'all'") from None
+    if isinstance(layers, int):
+        layers = [layers]
+    indices = []
+    for index in layers:
+        if not -num_layers <= int(index) < num_layers:
+            raise ValueError(f"TTT layer index {index} out of range for a transformer of {num_layers} layers")
+        indices.append(int(index) % num_layers)
+    if not indices or len(set(indices)) != len(indices):
+        raise ValueError(f"TTT layers={layers!r}: need distinct indices, at least one")
+    return sorted(indices)
+
+
+def insert_ttt_layers(lm: LMModel, options: TTTOptions, seed: int = 0) -> TTTOptions:
+    """Add a gated TTT branch to the chosen layers of ``lm.transformer`` (random init from
+    ``seed``, on ``lm``'s device and dtype). Returns the resolved options."""
+    options = options.resolve(lm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for index in options.layers:
+            branch = TTTBranch(lm.dim, options.inner, options.num_heads, options.mini_batch_size,
+                               options.base_lr, options.gate_init, device=lm.device, dtype=lm.dtype)
+            insert_ttt_branch(lm.transformer.layers[index], branch)
+    reset_streaming_children_cache(lm)
+    return options
+
+
+def ttt_state_dict(lm: LMModel) -> dict[str, torch.Tensor]:
+    """The TTT parameters of ``lm`` (everything under a ``ttt_branch``)."""
+    return {name: tensor for name, tensor in lm.state_dict().items() if BRANCH_KEY in name}
+
+
+def save_ttt_checkpoint(lm: LMModel, options: TTTOptions, directory: str | Path,
+                        base: dict[str, Any]) -> Path:
+    """Write ``ttt_config.json`` and ``ttt.safetensors`` for the TTT layers of ``lm``.
+
+    base: the base model the TTT layers were trained on, e.g. {"pretrained": "kyutai/..."} or
+    {"preset": "tiny", "seed": 0}.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in ttt_state_dict(lm).items()}
+    if not tensors:
+        raise ValueError("this model has no TTT layers to save")
+    save_file(tensors, str(directory / WEIGHTS_NAME))
+    config = {"format": CHECKPOINT_FORMAT, **asdict(options.resolve(lm)), "base": base,
+              "base_dim": lm.dim, "base_num_layers": len(lm.transformer.layers)}
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def read_ttt_config(directory: str | Path) -> tuple[TTTOptions, dict[str, Any]]:
+    """(options, base) from a checkpoint directory."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"TTT checkpoint {directory}: {CONFIG_NAME} not found (looked for {path})")
+    config = json.loads(path.read_text())
+    if config.pop("format", None) != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} config")
+    base = config.pop("base", {})
+    for key in ("base_dim", "base_num_layers"):
+        config.pop(key, None)
+    return TTTOptions.from_dict(config, str(path)), base
+
+
+def load_ttt_weights(lm: LMModel, directory: str | Path) -> None:
+    """Load ``ttt.safetensors`` into the TTT layers of ``lm``; any missing, unexpected or
+    mis-shaped key is an error that lists them."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"TTT checkpoint {directory}: {WEIGHTS_NAME} not found (looked for {path})")
+    loaded = load_file(str(path))
+    expected = ttt_state_dict(lm)
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
+                    for k in set(loaded) & set(expected) if loaded[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"TTT checkpoint {path} does not fit the model: missing keys {missing}, "
+                         f"unexpected keys {unexpected}, shape mismatches {shapes}")
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(loaded[name])
+
+
+@register_model("ttt")
+class TTTScorer(FrozenScorer):
+    """Moshi with TTT layers. Loading arguments as ``frozen``; the TTT options of
+    ``TTTOptions``; or ``ttt_checkpoint`` (options, base model and weights from a directory)."""
+
+    name = "ttt"
+
+    def __init__(self, lm: LMModel | None = None, preset: str | None = None, pretrained: str | None = None,
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 seed: int = 0, ttt_checkpoint: str | Path | None = None, **ttt_options: Any):
+        self.ttt_checkpoint = str(ttt_checkpoint) if ttt_checkpoint is not None else None
+        requested = TTTOptions.from_dict(ttt_options, "ttt model_args")
+        if ttt_checkpoint is not None:
+            options, base = read_ttt_config(ttt_checkpoint)
+            if lm is None and preset is None and pretrained is None:
+                preset, pretrained, seed = base.get("preset"), base.get("pretrained"), int(base.get("seed", seed))
+            elif lm is not None or (preset, pretrained) != (base.get("preset"), base.get("pretrained")):
+                logger.warning("TTT checkpoint %s was trained on %s; scoring it on %s", ttt_checkpoint, base,
+                               "lm=<user model>" if lm is not None else f"preset={preset} pretrained={pretrained}")
+        else:
+            options = requested
+        super().__init__(lm=lm, preset=preset, pretrained=pretrained, device=device, dtype=dtype, seed=seed)
+        if ttt_checkpoint is not None:
+            _check_no_conflict(self.lm, options, ttt_options, ttt_checkpoint)
+        self.ttt_options = insert_ttt_layers(self.lm, options, seed=seed)
+        if ttt_checkpoint is not None:
+            load_ttt_weights(self.lm, ttt_checkpoint)
+        elif self.ttt_options.gate_init != 0.0:
+            logger.warning("ttt: no ttt_checkpoint, so the TTT layers are untrained (random init, gate_init=%g)",
+                           self.ttt_options.gate_init)
+        self.lm.eval()
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), **asdict(self.ttt_options), "ttt_checkpoint": self.ttt_checkpoint}
+
+
+def _check_no_conflict(lm: LMModel, options: TTTOptions, given: dict[str, Any], checkpoint: str | Path) -> None:
+    """Options given next to a checkpoint must agree with it."""
+    stored = asdict(options.resolve(lm))
+    wanted = asdict(TTTOptions(**{**asdict(options), **given}).resolve(lm))
+    conflicts = {k: {"given": given[k], "checkpoint": stored[k]} for k in given if wanted[k] != stored[k]}
+    if conflicts:
+        raise ValueError(f"TTT options {conflicts} conflict with the checkpoint {checkpoint}; "
+                         "drop them or use a matching checkpoint")
