@@ -1,0 +1,76 @@
+"""Synthetic task and test models for the runner tests, and an entry point so they can be used
+in a subprocess (``python tests/runner_fixtures.py ARGS`` or ``accelerate launch`` of it).
+
+* task ``synthetic_docs``: documents of random codes with different lengths (``max_frames``
+  caps them); document ``poison`` starts with the frame ``POISON`` in every codebook.
+* model ``frozen_poisonable``: the frozen scorer, raising inside the model on a ``poison`` row.
+* model ``frozen_slow``: the frozen scorer, sleeping ``TTT_BENCH_TEST_SLEEP`` seconds per call
+  (so a test can interrupt a run part-way).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ttt_bench.models.frozen import FrozenScorer  # noqa: E402
+from ttt_bench.registry import register_model, register_task  # noqa: E402
+from ttt_bench.tasks.base import Document  # noqa: E402
+
+LENGTHS = {"a/long": 48, "b/mid": 35, "c/short": 12, "d/mid2": 27, "e/long2": 41, "f/tiny": 7, "poison": 20,
+           "g/mid3": 30}
+POISON = 201
+
+
+def synthetic_documents(max_frames: int | None = None, names: list[str] | None = None) -> list[Document]:
+    docs = []
+    for i, name in enumerate(names or LENGTHS):
+        length = LENGTHS[name] if not max_frames else min(LENGTHS[name], max_frames)
+        generator = torch.Generator().manual_seed(1000 + i)
+        codes = torch.randint(0, 200, (8, length), generator=generator)
+        if name == "poison":
+            codes[:, 0] = POISON
+        docs.append(Document(name, codes, {"n_frames": length, "duration_s": length / 12.5, "source": "synthetic"}))
+    return docs
+
+
+@register_task("synthetic_docs")
+class SyntheticTask:
+    def __init__(self, config):
+        self.config = config
+        self.skipped = []
+
+    def documents(self, codec, limit=None, on_bad_input="skip"):
+        docs = synthetic_documents(self.config.max_frames)
+        return docs[:limit] if limit else docs
+
+
+@register_model("frozen_poisonable")
+class PoisonableScorer(FrozenScorer):
+    name = "frozen_poisonable"
+
+    def score(self, codes, chunk_size=64, layout=None):
+        if bool((codes[:, :, 0] == POISON).all(dim=1).any()):
+            raise RuntimeError("poisoned document")
+        return super().score(codes, chunk_size=chunk_size, layout=layout)
+
+
+@register_model("frozen_slow")
+class SlowScorer(FrozenScorer):
+    name = "frozen_slow"
+
+    def score(self, codes, chunk_size=64, layout=None):
+        time.sleep(float(os.environ.get("TTT_BENCH_TEST_SLEEP", "0")))
+        return super().score(codes, chunk_size=chunk_size, layout=layout)
+
+
+if __name__ == "__main__":
+    from ttt_bench.cli import main
+
+    sys.exit(main())
