@@ -74,3 +74,69 @@ if __name__ == "__main__":
     from ttt_bench.cli import main
 
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------- test helpers
+
+SCRIPT = Path(__file__).resolve()
+REPO = SCRIPT.parents[1]
+TIMING = ("seconds", "frames_per_second")  # wall-clock: differs between any two runs
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a ttt-bench subprocess: the repo importable, no network, moshi's lazy
+    torch.compile off (eager, as the in-process tests run with ``no_compile``), same code cache."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "NO_TORCH_COMPILE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.update(extra)
+    return env
+
+
+def log_lines(run_dir: Path) -> list[dict]:
+    """Every parseable line of every process's record log, in file order."""
+    import json
+
+    lines = []
+    for path in sorted((Path(run_dir) / "records").glob("log.rank*.jsonl")):
+        for raw in path.read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                pass
+    return lines
+
+
+def _assert_close(got, want, atol: float, where: str) -> None:
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), f"{where}: keys {set(got) ^ set(want)}"
+        for key in want:
+            if key not in TIMING:
+                _assert_close(got[key], want[key], atol, f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_close(g, w, atol, f"{where}[{i}]")
+    elif isinstance(want, float) and isinstance(got, float):
+        assert abs(got - want) <= atol, f"{where}: {got} != {want}"
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def assert_same_results(got_dir: Path, want_dir: Path, atol: float = 1e-6) -> None:
+    """results.json metrics (all but wall-clock), failures and skips, and every array of
+    curves.npz (per-document curves included, same NaN positions) agree within ``atol``."""
+    import json
+
+    import numpy as np
+
+    got, want = (json.loads((Path(d) / "results.json").read_text()) for d in (got_dir, want_dir))
+    assert got["complete"] is True and want["complete"] is True
+    for key in ("results", "failed", "skipped", "baselines"):
+        _assert_close(got[key], want[key], atol, key)
+    with np.load(Path(got_dir) / "curves.npz") as g, np.load(Path(want_dir) / "curves.npz") as w:
+        assert sorted(g.files) == sorted(w.files)
+        for key in w.files:
+            if w[key].dtype.kind == "f":
+                np.testing.assert_allclose(g[key], w[key], rtol=0, atol=atol, equal_nan=True, err_msg=key)
+            else:
+                assert np.array_equal(g[key], w[key]), key
