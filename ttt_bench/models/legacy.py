@@ -1,0 +1,84 @@
+"""The legacy adapter: the old, broken measurement, kept to quantify what it got wrong.
+
+Each chunk's loss comes from a fresh, non-streaming ``LMModel.forward`` over the last ``window``
+frames, so nothing accumulated while streaming (TTT fast weights, attention beyond the window)
+reaches the loss. The window ends ``max_delay`` frames after the chunk (those frames are only
+targets, never inputs: with moshi's delays they are where the chunk's last acoustic codes are
+predicted), so every frame of the chunk gets a prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..registry import get_model, register_model
+from .base import ScorerInfo, StreamLayout, StreamingScorer
+from .streaming import forward_nll
+
+logger = logging.getLogger(__name__)
+
+
+class LegacyScorer(StreamingScorer):
+    """Wraps any scorer with a moshi ``lm`` and scores it the legacy way."""
+
+    name = "legacy"
+    is_legacy = True
+
+    def __init__(self, base: StreamingScorer, window: int | None = None):
+        self.base = base
+        self.lm = base.lm
+        self.window = int(window) if window is not None else int(self.lm.context or 3000)
+        if self.window < 1:
+            raise ValueError(f"legacy window must be >= 1 frame, got {self.window}")
+
+    @property
+    def info(self) -> ScorerInfo:
+        base = self.base.info
+        return ScorerInfo(name=self.name, label=f"legacy[{base.label}]",
+                          options={"legacy": True, "window": self.window, "base": base.name,
+                                   "base_options": base.options})
+
+    def score(self, codes: torch.Tensor, chunk_size: int = 64,
+              layout: StreamLayout | None = None) -> torch.Tensor:
+        if codes.dim() != 3:
+            raise ValueError(f"codes must be [B, 8, T], got shape {tuple(codes.shape)}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        layout = layout or StreamLayout()
+        codes = codes.to(self.lm.device, torch.long)
+        T = codes.shape[-1]
+        lead = max(self.lm.delays)
+        nll = torch.full(codes.shape, float("nan"), dtype=torch.float32, device=codes.device)
+        for start in range(0, T, chunk_size):
+            end = min(start + chunk_size, T)
+            nll[..., start:end] = self.window_nll(codes, layout, start, end, min(end + lead, T))
+        return nll.cpu()
+
+    def window_nll(self, codes: torch.Tensor, layout: StreamLayout, start: int, end: int,
+                   stop: int) -> torch.Tensor:
+        """NLL of frames start..end-1 from one fresh forward over frames stop - window..stop-1."""
+        first = max(0, stop - self.window)
+        if first > start:
+            raise ValueError(f"legacy window {self.window} is shorter than a chunk plus the codebook "
+                             f"delays ({stop - start} frames); use a larger window or smaller chunks")
+        with torch.no_grad():
+            window = forward_nll(self.lm, codes[..., first:stop], layout)
+        return window[..., start - first:end - first].float()
+
+
+def make_legacy(scorer: StreamingScorer, window: int | None = None) -> LegacyScorer:
+    """The legacy version of ``scorer`` (what ``use_fixed_method: false`` runs)."""
+    if isinstance(scorer, LegacyScorer):
+        return scorer
+    return LegacyScorer(scorer, window)
+
+
+@register_model("legacy")
+def legacy(base: str = "ttt", window: int | None = None, **kwargs: Any) -> LegacyScorer:
+    """``get_model("legacy", base="ttt", window=W, **base_kwargs)``."""
+    if base == "legacy":
+        raise ValueError("legacy base cannot be legacy itself")
+    return make_legacy(get_model(base, **kwargs), window)
