@@ -1,0 +1,85 @@
+"""``accelerate launch`` with 2 CPU processes (gloo) on the packaged sample with the tiny preset:
+the same metrics and curves as one process, every document scored exactly once, and a resume
+may use a different number of processes (DESIGN.md invariant 4).
+
+On a machine without GPUs, ``accelerate launch --multi_gpu --num_processes 2`` starts 2 CPU
+processes over gloo (``--cpu --num_processes 2`` starts only one, without an MPI hostfile).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from moshi.utils.compile import no_compile
+
+from runner_fixtures import REPO, assert_same_results, log_lines, subprocess_env
+from ttt_bench.runner import RunSpec, evaluate
+
+TASK = "librilight_sample"
+ARGS = ["--model", "frozen", "--model_args", "preset=tiny", "--tasks", TASK, "--task_args", "max_frames=160",
+        "--limit", "3", "--batch_size", "2", "--chunk_size", "32"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(out: Path, *extra: str, processes: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "ttt_bench", *ARGS, "--output_path", str(out), *extra]
+    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The single-process run (in this process, eager like the launched ones)."""
+    out = tmp_path_factory.mktemp("one_process")
+    with no_compile():
+        evaluate(RunSpec(models=["frozen"], tasks=[TASK], model_args={"preset": "tiny"},
+                         task_overrides={"max_frames": 160}, limit=3, batch_size=2, chunk_size=32,
+                         output_path=str(out)))
+    return out
+
+
+def doc_ids(run_dir: Path) -> list[str]:
+    return json.loads((run_dir / "results.json").read_text())["tasks"][TASK]["data"]["doc_ids"]
+
+
+def test_two_processes_give_the_single_process_results(tmp_path, one_process):
+    out = tmp_path / "two"
+    done = launch(out)
+    assert "### librilight_sample" in done.stdout and done.stdout.count("### librilight_sample") == 1  # main only
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["complete"] is True
+    by_rank = {path.name: len(path.read_text().splitlines())
+               for path in sorted((out / "records").glob("log.rank*.jsonl"))}
+    assert set(by_rank) == {"log.rank0.jsonl", "log.rank1.jsonl"} and all(by_rank.values())
+    scored = [line["doc_id"] for line in log_lines(out)]
+    assert sorted(scored) == sorted(doc_ids(one_process)) and len(doc_ids(one_process)) == 3  # each once
+    assert_same_results(out, one_process)
+
+
+def test_resume_with_another_number_of_processes(tmp_path, one_process):
+    """A single-process run stopped after one document, finished by two processes."""
+    out = tmp_path / "resumed"
+    shutil.copytree(one_process, out)
+    (out / "results.json").unlink()
+    log = out / "records" / "log.rank0.jsonl"
+    first, *rest = log.read_text().splitlines()
+    log.write_text(first + "\n")  # as if the run had stopped after its first document
+    launch(out, "--resume")
+    new = [line["doc_id"] for line in log_lines(out)][1:]
+    assert sorted(new) == sorted(json.loads(line)["doc_id"] for line in rest)  # the two others, once each
+    assert json.loads(first)["doc_id"] not in new
+    assert_same_results(out, one_process)
