@@ -9,16 +9,19 @@ processes over gloo (``--cpu --num_processes 2`` starts only one, without an MPI
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from moshi.utils.compile import no_compile
 
-from runner_fixtures import REPO, assert_same_results, log_lines, subprocess_env
+from runner_fixtures import LENGTHS, REPO, SCRIPT, assert_same_results, log_lines, subprocess_env
 from ttt_bench.runner import RunSpec, evaluate
 
 TASK = "librilight_sample"
@@ -83,3 +86,33 @@ def test_resume_with_another_number_of_processes(tmp_path, one_process):
     assert sorted(new) == sorted(json.loads(line)["doc_id"] for line in rest)  # the two others, once each
     assert json.loads(first)["doc_id"] not in new
     assert_same_results(out, one_process)
+
+
+def test_ctrl_c_stops_every_process_and_one_process_resumes(tmp_path):
+    """Ctrl-C reaches the launcher and both workers (one process group): each finishes its
+    write, the main process writes partial results, and a single process completes the run."""
+    out, reference = tmp_path / "run", tmp_path / "reference"
+    args = ["--model", "frozen_slow", "--model_args", "preset=tiny", "--tasks", "synthetic_docs", "--chunk_size", "8"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(SCRIPT), *args, "--output_path", str(out)]
+    proc = subprocess.Popen(command, env=subprocess_env(TTT_BENCH_TEST_SLEEP="1.0"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(log_lines(out)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "--resume" in stderr
+    partial = json.loads((out / "results.json").read_text())
+    before = {line["doc_id"] for line in log_lines(out)}
+    assert partial["complete"] is False and 2 <= len(before) < len(LENGTHS)
+
+    spec = dict(models=["frozen_slow"], tasks=["synthetic_docs"], model_args={"preset": "tiny"}, chunk_size=8)
+    with no_compile():
+        evaluate(RunSpec(**spec, output_path=str(reference)))
+        evaluate(RunSpec(**spec, output_path=str(out), resume=True))
+    scored = [line["doc_id"] for line in log_lines(out)]
+    assert sorted(scored) == sorted(LENGTHS)  # every document exactly once over both runs
+    assert_same_results(out, reference)
