@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--chunk_frames", type=int, default=125, help="frames per streaming Mimi call")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip_full", action="store_true")
+    parser.add_argument("--skip_tiny", action="store_true")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -140,7 +141,7 @@ def main() -> None:
         config, minutes = args.worker.split(":")
         print("RESULT " + json.dumps(run_config(config, float(minutes), args.chunk_frames, args.threads)))
         return
-    runs = [("tiny", args.short_minutes), ("tiny", args.minutes)]
+    runs = [] if args.skip_tiny else [("tiny", args.short_minutes), ("tiny", args.minutes)]
     if not args.skip_full:
         runs.append(("full", args.full_minutes))
     results = []

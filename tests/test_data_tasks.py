@@ -133,3 +133,24 @@ def test_packaged_sample(codec):
         assert meta["voice_activity"][0][0] < meta["voice_activity"][-1][1] <= info.duration_s
         total += item.path.stat().st_size + item.path.with_suffix(".json").stat().st_size
     assert total <= 5_000_000
+
+
+def test_limit_reads_no_further_than_needed(root, codec, monkeypatch):
+    from ttt_bench.tasks import librilight_stream as task_module
+
+    config = task_config(source(root), min_duration_s=0.5)
+    LibriLightStreamTask(config).documents(codec)  # fill the cache
+    pulled = []
+
+    def counting_source(spec):
+        for item in task_module.__dict__["_real_make_source"](spec):
+            pulled.append(item.item_id)
+            yield item
+
+    monkeypatch.setitem(task_module.__dict__, "_real_make_source", task_module.make_source)
+    monkeypatch.setattr(task_module, "make_source", counting_source)
+    for batch_size in (1, 8):
+        pulled.clear()
+        docs = LibriLightStreamTask(config).documents(codec, limit=2, batch_size=batch_size)
+        assert [d.doc_id for d in docs] == ["100/book_a/01_a", "100/book_a/02_a"]
+        assert pulled == ["100/book_a/01_a", "100/book_a/02_a"]

@@ -123,16 +123,28 @@ class WebDatasetSource:
     def __iter__(self) -> Iterator[AudioItem]:
         import datasets
 
-        features = datasets.Features({"__key__": datasets.Value("string"), "__url__": datasets.Value("string"),
-                                      self.audio_field: datasets.Value("binary"), self.meta_field: datasets.Json()})
-        ds = datasets.load_dataset("webdataset", data_files={"train": self.data_files}, split="train",
-                                   streaming=True, features=features)
-        for sample in ds:
+        for sample in self._stream(datasets):
             key = sample["__key__"]
             parts = _split_id(key.split("/"))
             meta = {"source": self.label, "key": key, **parts, **librilight_meta(sample.get(self.meta_field))}
             meta["speaker"] = parts.get("speaker", meta.get("speaker", ""))
-            yield AudioItem("/".join(parts.values()), meta, data=sample.get(self.audio_field) or b"")
+            audio = sample.get(self.audio_field)
+            if isinstance(audio, dict):  # Audio(decode=False) on older datasets: {"bytes", "path"}
+                audio = audio.get("bytes")
+            yield AudioItem("/".join(parts.values()), meta, data=audio or b"")
+
+    def _stream(self, datasets):
+        """The shards, streamed, with the audio as raw bytes (the Audio feature would need
+        torchcodec and FFmpeg to decode)."""
+        kwargs = {"data_files": {"train": self.data_files}, "split": "train", "streaming": True}
+        if hasattr(datasets, "Json"):
+            features = datasets.Features({"__key__": datasets.Value("string"), "__url__": datasets.Value("string"),
+                                          self.audio_field: datasets.Value("binary"),
+                                          self.meta_field: datasets.Json()})
+            return datasets.load_dataset("webdataset", features=features, **kwargs)
+        # datasets without the Json feature: let it infer the schema, then keep the audio undecoded
+        ds = datasets.load_dataset("webdataset", **kwargs)
+        return ds.cast_column(self.audio_field, datasets.Audio(decode=False))
 
 
 def _data_file(pattern: str, repo: str | None) -> str:

@@ -88,7 +88,7 @@ class LibriLightStreamTask:
         make = self._book_documents if self.concat_book else self._file_documents
         docs: list[Document] = []
         with tqdm(total=limit, desc=f"{self.name}: audio -> codes", unit="doc", disable=None, leave=False) as bar:
-            for doc in make(items, codec, batch_size):
+            for doc in make(items, codec, batch_size, limit):
                 docs.append(doc)
                 bar.update(1)
                 if limit is not None and len(docs) >= limit:
@@ -101,9 +101,13 @@ class LibriLightStreamTask:
 
     # -- one recording per document -------------------------------------------------------
 
-    def _file_documents(self, items: Iterator[AudioItem], codec: MimiCodec,
-                        batch_size: int) -> Iterator[Document]:
+    def _file_documents(self, items: Iterator[AudioItem], codec: MimiCodec, batch_size: int,
+                        limit: int | None) -> Iterator[Document]:
+        """Units wait in a window until a batch of uncached ones is full (or nothing waits for
+        encoding, or the window would complete ``limit``), so the source is read no further
+        than needed and documents come out in source order."""
         window: list[_Unit] = []
+        done = 0
         for item in items:
             unit = self._prepare(item, codec, self.max_frames)
             if unit is None:
@@ -112,8 +116,11 @@ class LibriLightStreamTask:
                 self._skip(item, f"too short: {unit.duration_s:.1f} s < min_duration_s {self.min_duration_s:g} s")
                 continue
             window.append(unit)
-            if sum(u.entry is None for u in window) >= batch_size:
-                yield from self._finish(window, codec)
+            pending = sum(u.entry is None for u in window)
+            if pending == 0 or pending >= batch_size or (limit is not None and done + len(window) >= limit):
+                for doc in self._finish(window, codec):
+                    done += 1
+                    yield doc
                 window = []
         yield from self._finish(window, codec)
 
@@ -127,8 +134,8 @@ class LibriLightStreamTask:
 
     # -- a book's chapters joined ---------------------------------------------------------
 
-    def _book_documents(self, items: Iterator[AudioItem], codec: MimiCodec,
-                        batch_size: int) -> Iterator[Document]:
+    def _book_documents(self, items: Iterator[AudioItem], codec: MimiCodec, batch_size: int,
+                        limit: int | None) -> Iterator[Document]:
         for (speaker, book), chapters in itertools.groupby(items, key=lambda it: it.group):
             units = self._book_units(chapters, codec, batch_size)
             if not units:
