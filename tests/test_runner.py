@@ -16,7 +16,7 @@ from moshi.utils.compile import no_compile
 
 import runner_fixtures
 from runner_fixtures import LENGTHS, synthetic_documents
-from ttt_bench.batching import BatchScorer, largest_fitting, pad_batch
+from ttt_bench.batching import BatchScorer, auto_batch_size, largest_fitting, pad_batch
 from ttt_bench.distributed import shard_by_length
 from ttt_bench.interrupt import Interrupted, SignalGuard
 from ttt_bench.metrics import DocRecord
@@ -160,6 +160,30 @@ def test_auto_batch_size_search_takes_the_largest_that_fits():
     assert largest_fitting(lambda b: False, cap=8) == 1
 
 
+class _FakeCudaScorer:
+    """Looks like a scorer on a CUDA device that holds at most ``capacity`` streams."""
+
+    def __init__(self, capacity: int, context: int = 20):
+        self.capacity, self.frames = capacity, []
+        self.lm = type("LM", (), {"device": torch.device("cuda"), "context": context})()
+
+    def score(self, codes, chunk_size=64, layout=None):
+        self.frames.append(codes.shape[-1])
+        if codes.shape[0] > self.capacity:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return torch.zeros(codes.shape, dtype=torch.float32)
+
+
+def test_auto_batch_size_probes_the_device_with_the_longest_document(monkeypatch):
+    monkeypatch.setattr("ttt_bench.batching.free_memory", lambda: None)
+    docs = synthetic_documents()
+    fake = _FakeCudaScorer(capacity=5)
+    assert auto_batch_size(fake, docs, chunk_size=8, layout=StreamLayout()) == 4
+    assert set(fake.frames) == {20 + 2 * 8}  # context + 2 chunks of the longest (48-frame) document
+    assert auto_batch_size(fake, docs[:3], chunk_size=8, layout=StreamLayout()) == 3  # no more than the docs
+    assert auto_batch_size(get_model("frozen", preset="tiny"), docs, 8, StreamLayout()) == 1  # CPU: 1
+
+
 # ----------------------------------------------------------------------------- record store
 
 
@@ -193,6 +217,18 @@ def test_store_detects_truncated_records_and_log_lines(tmp_path):
     assert set(store.load_done(wanted)[0]) == {("t", "m", "doc1")}
     store.save("t", "m", _record("doc2"))  # appending after a cut line keeps the new line whole
     assert set(store.load_done(wanted)[0]) == {("t", "m", "doc1"), ("t", "m", "doc2")}
+
+
+def test_a_record_moves_to_a_main_process_without_a_shared_file_system(tmp_path):
+    worker, main = RecordStore(tmp_path / "node1", "abc", rank=1), RecordStore(tmp_path / "node0", "abc")
+    entry = worker.save("t", "m", _record("d"))
+    assert not main.has(main.index(), entry)
+    main.import_entry(entry, worker.read_bytes(entry))
+    assert main.has(main.index(), entry)
+    got = main.load_done([("t", "m", "d", 6)])[0][("t", "m", "d")]
+    assert np.array_equal(got.nll, _record("d").nll, equal_nan=True)
+    with pytest.raises(ValueError, match="damaged"):
+        main.import_entry(entry, b"not the record")
 
 
 def test_store_ignores_records_of_another_config(tmp_path):
@@ -328,6 +364,10 @@ def test_sigterm_stops_with_partial_results_and_resume_completes(tmp_path, monke
     monkeypatch.undo()
     resumed = evaluate(_spec(tmp_path / "run", "frozen_slow", batch_size=2, resume=True))
     assert resumed["complete"] is True
+    n_lines = len(RecordStore(tmp_path / "run", resumed["config_hash"]).log_entries())
+    assert n_lines == len(LENGTHS)  # every document scored once over both runs
+    evaluate(_spec(tmp_path / "run", "frozen_slow", batch_size=2, resume=True))  # a finished run: nothing to do
+    assert len(RecordStore(tmp_path / "run", resumed["config_hash"]).log_entries()) == n_lines
     strip = {"seconds", "frames_per_second"}
     for name in ("results", "failed", "skipped"):
         got, want = resumed[name], reference[name]
