@@ -61,3 +61,12 @@ def test_registry_labels_and_errors():
     assert get_model("legacy", preset="tiny", gate_init=0.0).base.name == "ttt"  # default base
     with pytest.raises(ValueError, match="window"):
         scorer.score(torch.randint(0, 256, (1, 8, 30)), chunk_size=16)
+
+
+def test_default_window_is_the_context_before_each_chunk(codes):
+    frozen = FrozenScorer(lm=tiny_lm(context=CONTEXT))
+    default = make_legacy(frozen).score(codes, chunk_size=16)  # chunks longer than the context
+    explicit = make_legacy(frozen, CONTEXT + 16 + max(frozen.lm.delays)).score(codes, chunk_size=16)
+    full_chunks = slice(0, T // 16 * 16)  # the short last chunk's explicit window reaches further back
+    assert torch.equal(default[..., full_chunks].nan_to_num(), explicit[..., full_chunks].nan_to_num())
+    assert torch.equal(default.isnan(), explicit.isnan())

@@ -22,7 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 class LegacyScorer(StreamingScorer):
-    """Wraps any scorer with a moshi ``lm`` and scores it the legacy way."""
+    """Wraps any scorer with a moshi ``lm`` and scores it the legacy way.
+
+    window: frames per forward, ending ``max_delay`` frames after the chunk; None (default):
+    the model's attention context before the chunk, plus the chunk and the delay frames.
+    """
 
     name = "legacy"
     is_legacy = True
@@ -30,16 +34,17 @@ class LegacyScorer(StreamingScorer):
     def __init__(self, base: StreamingScorer, window: int | None = None):
         self.base = base
         self.lm = base.lm
-        self.window = int(window) if window is not None else int(self.lm.context or 3000)
-        if self.window < 1:
+        self.source = getattr(base, "source", None)  # the checkpoint (and so the Mimi codec) of the base
+        self.window = int(window) if window is not None else None
+        if self.window is not None and self.window < 1:
             raise ValueError(f"legacy window must be >= 1 frame, got {self.window}")
 
     @property
     def info(self) -> ScorerInfo:
         base = self.base.info
+        window = self.window if self.window is not None else "context + chunk"
         return ScorerInfo(name=self.name, label=f"legacy[{base.label}]",
-                          options={"legacy": True, "window": self.window, "base": base.name,
-                                   "base_options": base.options})
+                          options={"legacy": True, "window": window, "base": base.name, "base_options": base.options})
 
     def score(self, codes: torch.Tensor, chunk_size: int = 64,
               layout: StreamLayout | None = None) -> torch.Tensor:
@@ -60,7 +65,10 @@ class LegacyScorer(StreamingScorer):
     def window_nll(self, codes: torch.Tensor, layout: StreamLayout, start: int, end: int,
                    stop: int) -> torch.Tensor:
         """NLL of frames start..end-1 from one fresh forward over frames stop - window..stop-1."""
-        first = max(0, stop - self.window)
+        if self.window is None:  # default: the attention context before the chunk, then the chunk
+            first = max(0, start - int(self.lm.context or 3000))
+        else:
+            first = max(0, stop - self.window)
         if first > start:
             raise ValueError(f"legacy window {self.window} is shorter than a chunk plus the codebook "
                              f"delays ({stop - start} frames); use a larger window or smaller chunks")
