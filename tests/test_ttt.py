@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from conftest import tiny_lm
+from hf_cache import write_tiny_hf_checkpoint
 from ttt_bench.models.frozen import FrozenScorer
 from ttt_bench.models.ttt import (CONFIG_NAME, WEIGHTS_NAME, TTTOptions, TTTScorer, parse_layers,
                                   save_ttt_checkpoint)
@@ -149,39 +148,9 @@ def test_parameters_live_under_ttt_branch():
     assert scorer.info.options["inner"] == "mlp" and scorer.info.options["layers"] == [1]
 
 
-def write_tiny_hf_checkpoint(cache_dir, repo_id: str) -> None:
-    """A tiny Moshi repo in the Hugging Face cache layout (the tiny preset's weights)."""
-    try:
-        from hf_cache import write_tiny_hf_checkpoint as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return shared(cache_dir, repo_id)
-    from safetensors.torch import save_file
-
-    from ttt_bench.models.moshi import PRESETS, ModelSource, load_lm, load_mimi
-
-    snapshot = cache_dir / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    source = ModelSource.make(preset="tiny")
-    save_file({k: v.contiguous() for k, v in load_lm(source).state_dict().items()}, str(snapshot / "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in load_mimi(source).state_dict().items()}, str(snapshot / "mimi.safetensors"))
-    (snapshot / "mimi_config.json").write_text(json.dumps(PRESETS["tiny"]["mimi"]))
-    config = {**PRESETS["tiny"]["lm"], "moshi_name": "model.safetensors", "mimi_name": "mimi.safetensors",
-              "mimi_config_name": "mimi_config.json"}
-    (snapshot / "config.json").write_text(json.dumps(config))
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
-
-
-def test_save_load_and_score_through_offline_hf_cache(tmp_path, monkeypatch, codes):
-    import huggingface_hub.constants as hub
-
-    repo = "ttt-bench-test/tiny-moshi"
-    write_tiny_hf_checkpoint(tmp_path / "hub", repo)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+def test_save_load_and_score_through_offline_hf_cache(tmp_path, hf_hub_cache, codes):
+    repo = "ttt-bench-test/tiny-moshi-for-ttt"
+    write_tiny_hf_checkpoint(hf_hub_cache, repo, seed=2)
 
     trained = TTTScorer(pretrained=repo, layers="last 1", inner="mlp", mini_batch_size=B_MINI, gate_init=0.3)
     with torch.no_grad():  # stand-in for training: move every TTT parameter
