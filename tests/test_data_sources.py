@@ -101,6 +101,8 @@ def test_audiofolder_dataset_with_custom_column(tmp_path, codec):
         sidecar.unlink()  # audiofolder would read them as metadata
     source = {"type": "hf_audio", "path": "audiofolder", "data_dir": str(root)}
     docs = LibriLightStreamTask(task_config(source)).documents(codec)
+    plain = make_source({"type": "hf_audio", "path": str(root)})  # a folder path alone: the same
+    assert (plain.path, plain.data_dir) == ("audiofolder", str(root))
     assert sorted(d.doc_id for d in docs) == sorted(IDS)
     by_id = {d.doc_id: d for d in docs}
     assert [by_id[i].n_frames for i in IDS] == FRAMES

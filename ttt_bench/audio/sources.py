@@ -225,10 +225,12 @@ class HFAudioSource:
         keys = ("name", "data_files", "data_dir", "split", "audio_column", "id_column", "speaker_column",
                 "book_column")
         kwargs = {k: spec[k] for k in keys if spec.get(k) is not None}
-        for key in ("data_dir",):
-            if kwargs.get(key):
-                kwargs[key] = _local_or_as_is(kwargs[key])
-        return cls(path=_local_or_as_is(spec["path"]), **kwargs)
+        if kwargs.get("data_dir"):
+            kwargs["data_dir"] = _local_or_as_is(kwargs["data_dir"])
+        path = _local_or_as_is(spec["path"])
+        if Path(path).is_dir() and _is_audio_folder(Path(path)) and "data_dir" not in kwargs:
+            path, kwargs["data_dir"] = "audiofolder", path  # a plain folder of audio files
+        return cls(path=path, **kwargs)
 
     @property
     def label(self) -> str:
@@ -289,6 +291,14 @@ class HFAudioSource:
         if data is None and local is None:
             data = b""  # reported as an empty file, not silently dropped
         return AudioItem(item_id, meta, data=bytes(data) if data is not None else None, path=local)
+
+
+def _is_audio_folder(folder: Path) -> bool:
+    """Audio files and no table files (parquet, arrow, csv, jsonl) at the top of ``folder``."""
+    tables = {".parquet", ".arrow", ".csv", ".jsonl"}
+    if any(p.suffix.lower() in tables for p in folder.iterdir()):
+        return False
+    return any(p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS for p in folder.rglob("*"))
 
 
 def _local_or_as_is(path: str) -> str:
