@@ -17,7 +17,7 @@ CONTEXT, CHUNK = 8, 4
 @pytest.fixture(scope="module")
 def passage() -> torch.Tensor:
     torch.manual_seed(5)
-    return torch.randint(0, 256, (1, 8, 24))
+    return torch.randint(0, 256, (1, 8, 20))
 
 
 @pytest.fixture(scope="module")
@@ -43,25 +43,26 @@ def test_lr_zero_is_frozen_exactly(optimizer, repeated, frozen_nll):
 def test_learns_a_repeated_passage(repeated, frozen_nll):
     scorer = get_model("dyneval", lm=tiny_lm(context=CONTEXT), lr=1e-2, optimizer="adam")
     nll = scorer.score(repeated, chunk_size=CHUNK)
-    repeat = slice(24, None)
+    repeat = slice(20, None)
     assert nll[..., repeat].nanmean() < frozen_nll[..., repeat].nanmean() - 0.3
     # and the weights are back to the original ones afterwards
     assert nan_equal(FrozenScorer(lm=scorer.lm).score(repeated, chunk_size=CHUNK), frozen_nll)
 
 
 def test_documents_do_not_learn_from_each_other(passage, repeated):
-    scorer = DynEvalScorer(lm=tiny_lm(context=CONTEXT), lr=1e-2, optimizer="adam")
+    scorer = DynEvalScorer(lm=tiny_lm(context=CONTEXT), lr=0.5, optimizer="sgd")
     alone = scorer.score(repeated, chunk_size=CHUNK)
     other = torch.randint(0, 256, repeated.shape)
     # in a batch, the document comes after another one: same result as alone
     assert nan_equal(scorer.score(torch.cat([other, repeated]), chunk_size=CHUNK)[1:], alone)
 
 
-def test_causality(repeated):
-    scorer = DynEvalScorer(lm=tiny_lm(context=CONTEXT), lr=1e-2, optimizer="adam")
+def test_causality(repeated, frozen_nll):
+    scorer = DynEvalScorer(lm=tiny_lm(context=CONTEXT), lr=0.5, optimizer="sgd")
     delays = scorer.lm.delays[1:9]
     base = scorer.score(repeated, chunk_size=CHUNK)
-    for t in (6, 29):
+    assert (base - frozen_nll).nan_to_num().abs().max() > 0.1  # the updates matter
+    for t in (6, 25):
         other = repeated.clone()
         other[..., t + 1:] = torch.randint(0, 256, other[..., t + 1:].shape)
         nll = scorer.score(other, chunk_size=CHUNK)
@@ -90,7 +91,7 @@ def test_streaming_state_keeps_no_graph(repeated, monkeypatch):
     probe = StateProbe(lm=tiny_lm(context=CONTEXT), lr=1e-3)
     probe.graphs_kept = []
     probe.score(repeated, chunk_size=CHUNK)
-    assert len(probe.graphs_kept) == 12 and not any(probe.graphs_kept)
+    assert len(probe.graphs_kept) == 10 and not any(probe.graphs_kept)
     # without the detach, the cache carries the previous chunk's graph into the next step
     monkeypatch.setattr(dyneval, "detach_streaming_state", lambda lm: None)
     with pytest.raises(RuntimeError, match="backward through the graph a second time|modified by an inplace"):
