@@ -41,3 +41,14 @@ def test_adaptive_scorers_are_checked_on_their_first_chunk(lm32):
     assert verification_frames(Adaptive(lm=lm32), 90, 8) == 8
     assert verification_frames(FrozenScorer(lm=lm32), 90, 8) == lm32.context
     assert verification_frames(FrozenScorer(lm=lm32), 20, 8) == 20
+
+
+def test_dynamic_evaluation_verifies_on_its_first_chunk(lm32, codes):
+    import copy
+
+    from ttt_bench.registry import get_model
+
+    dyneval = get_model("dyneval", lm=copy.deepcopy(lm32), lr=1e-2)
+    assert dyneval.adapts_weights
+    result = verify_scorer("dyneval", dyneval, "doc", codes, 8, StreamLayout())
+    assert result.passed and result.frames == 8

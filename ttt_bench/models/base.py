@@ -49,6 +49,8 @@ class StreamingScorer(ABC):
 
     name: ClassVar[str] = "scorer"
     is_legacy: ClassVar[bool] = False
+    adapts_weights: ClassVar[bool] = False  # weights change while scoring: only the first chunk
+    #                                         can be checked against a plain forward pass
 
     lm: Any  # the moshi LMModel being scored
 
@@ -60,3 +62,10 @@ class StreamingScorer(ABC):
     @property
     def info(self) -> ScorerInfo:
         return ScorerInfo(name=self.name, label=self.name)
+
+
+def check_score_args(codes: torch.Tensor, chunk_size: int) -> None:
+    if codes.dim() != 3:
+        raise ValueError(f"codes must be [B, 8, T], got shape {tuple(codes.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

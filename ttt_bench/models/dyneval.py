@@ -68,6 +68,7 @@ class DynEvalScorer(FrozenScorer):
     ``optimizer`` (sgd|adam), ``params`` (all|norms|regex)."""
 
     name = "dyneval"
+    adapts_weights = True
 
     def __init__(self, lm: LMModel | None = None, preset: str | None = None, pretrained: str | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,

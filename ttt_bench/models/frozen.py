@@ -11,7 +11,7 @@ from moshi.models.lm import LMModel
 from moshi.utils.compile import no_compile
 
 from ..registry import register_model
-from .base import ScorerInfo, StreamLayout, StreamingScorer
+from .base import ScorerInfo, StreamLayout, StreamingScorer, check_score_args
 from .moshi import ModelSource, load_lm
 from .streaming import chunk_nll, delayed_inputs, stream_codes, undelay, widen_kv_caches
 
@@ -59,10 +59,7 @@ class FrozenScorer(StreamingScorer):
     def score(self, codes: torch.Tensor, chunk_size: int = 64,
               layout: StreamLayout | None = None) -> torch.Tensor:
         """Teacher-forced NLL [B, 8, T] (float32, nats, on the CPU) of ``codes`` [B, 8, T]."""
-        if codes.dim() != 3:
-            raise ValueError(f"codes must be [B, 8, T], got shape {tuple(codes.shape)}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_score_args(codes, chunk_size)
         layout = layout or StreamLayout()
         lm = self.lm
         codes = codes.to(lm.device, torch.long)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..registry import get_model, register_model
-from .base import ScorerInfo, StreamLayout, StreamingScorer
+from .base import ScorerInfo, StreamLayout, StreamingScorer, check_score_args
 from .streaming import forward_nll
 
 logger = logging.getLogger(__name__)
@@ -48,10 +48,7 @@ class LegacyScorer(StreamingScorer):
 
     def score(self, codes: torch.Tensor, chunk_size: int = 64,
               layout: StreamLayout | None = None) -> torch.Tensor:
-        if codes.dim() != 3:
-            raise ValueError(f"codes must be [B, 8, T], got shape {tuple(codes.shape)}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_score_args(codes, chunk_size)
         layout = layout or StreamLayout()
         codes = codes.to(self.lm.device, torch.long)
         T = codes.shape[-1]
