@@ -473,7 +473,7 @@ def _flat_flags(summaries: Sequence[DocSummary], cfg: MetricsConfig) -> list[dic
     n, mean, std = _pooled_values(summaries)
     curve = mean_curves_from_summaries(summaries)["all"]["mean"]
     curve = curve[np.isfinite(curve)]
-    if n >= 2 and (std <= 1e-9 or (curve.size >= 2 and float(curve.std()) == 0.0)):
+    if n >= 2 and (std <= 1e-9 or (curve.size >= 2 and float(curve.std()) <= 1e-12)):
         return [_flag("flat_curve", f"the NLL does not vary at all (std {std:.2e} over {n} "
                                     f"values, constant {mean:.4f}): not a model's loss")]
     return []

@@ -1,0 +1,384 @@
+"""Outputs of a run: results.json, curves.npz, samples.jsonl, leaderboard.md and the
+loss-versus-position plots; and ``ttt-bench leaderboard DIR...`` (merging runs).
+
+results.json = the run dict handed in (config, environment, git_hash, command, complete,
+skipped, models, tasks, baseline) plus::
+
+    "schema_version": 1,
+    "metrics_config": {task: MetricsConfig as a dict},
+    "baselines": {task: the model every other model is compared to, or null},
+    "results": {task: {model: metrics}}   # schema in ttt_bench.metrics; non-baseline models
+                                          # carry "delta_vs_baseline"
+
+curves.npz keys (``group`` = semantic | acoustic; the unprefixed ones are the "all" group)::
+
+    {task}/{model}/mean, {task}/{model}/count              mean NLL per position, documents
+    {task}/{model}/{group}/mean, {task}/{model}/{group}/count
+    {task}/{model}/doc_ids                                 str [n_docs]
+    {task}/{model}/doc/{i}                                 float32 [T_i], document i's curve
+    frame_rate                                             frames per second (12.5)
+
+samples.jsonl: one line per task, model and document: task, model, doc_id, source,
+duration_s, n_frames, seconds, that document's metrics, and its metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from tabulate import tabulate
+
+from .metrics import (DocRecord, DocSummary, MetricsConfig, deltas_from_summaries,
+                      mean_curves_from_summaries, metrics_from_summaries, per_document_metrics,
+                      summarize_all)
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEFAULT_BASELINE = "frozen"
+LEADERBOARD_METRICS = ("mean_nll", "nll@*", "early_nll", "late_nll", "improvement", "slope")
+DELTA_METRICS = ("mean_nll", "late_nll", "improvement", "slope")
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types; NaN and Inf become null (results.json never holds a NaN literal)."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    return str(obj)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(to_jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def resolve_baseline(requested: str | None, models: Iterable[str]) -> str | None:
+    """``--baseline NAME`` if given (must be one of the models), else ``frozen`` if present."""
+    models = list(models)
+    if requested is not None:
+        if requested not in models:
+            raise ValueError(f"--baseline {requested!r} is not among the evaluated models "
+                             f"{models}; add it to --model or choose one of these")
+        return requested
+    return DEFAULT_BASELINE if DEFAULT_BASELINE in models else None
+
+
+def build_results(run: dict, summaries: dict[str, dict[str, list[DocSummary]]],
+                  cfg_by_task: dict[str, MetricsConfig]) -> dict[str, Any]:
+    """The results.json dict (not yet sanitised)."""
+    results: dict[str, dict[str, Any]] = {}
+    baselines: dict[str, str | None] = {}
+    for task, models in summaries.items():
+        cfg = cfg_by_task[task]
+        base = resolve_baseline(run.get("baseline"), models)
+        baselines[task] = base
+        results[task] = {}
+        for model, docs in models.items():
+            m = metrics_from_summaries(docs, cfg)
+            if base is not None and model != base:
+                m["delta_vs_baseline"] = {"baseline": base,
+                                          **deltas_from_summaries(docs, models[base], cfg)}
+            results[task][model] = m
+    out = dict(run)
+    out.update({"schema_version": SCHEMA_VERSION,
+                "metrics_config": {t: c.to_dict() for t, c in cfg_by_task.items()
+                                   if t in summaries},
+                "baselines": baselines, "results": results})
+    return out
+
+
+def _curve_arrays(summaries: dict[str, dict[str, list[DocSummary]]], frame_rate: float
+                  ) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {"frame_rate": np.asarray(frame_rate)}
+    for task, models in summaries.items():
+        for model, docs in models.items():
+            key = f"{task}/{model}"
+            for group, c in mean_curves_from_summaries(docs).items():
+                prefix = key if group == "all" else f"{key}/{group}"
+                arrays[f"{prefix}/mean"] = c["mean"].astype(np.float32)
+                arrays[f"{prefix}/count"] = c["count"].astype(np.int32)
+            arrays[f"{key}/doc_ids"] = np.array([d.doc_id for d in docs], dtype=str)
+            for i, d in enumerate(docs):
+                arrays[f"{key}/doc/{i}"] = d.curves["all"].astype(np.float32)
+    return arrays
+
+
+def _sample_lines(summaries: dict[str, dict[str, list[DocSummary]]],
+                  cfg_by_task: dict[str, MetricsConfig]) -> Iterable[str]:
+    for task, models in summaries.items():
+        for model, docs in models.items():
+            for d in docs:
+                rec = {"task": task, "model": model, "doc_id": d.doc_id,
+                       "source": d.meta.get("source"), "duration_s": d.meta.get("duration_s"),
+                       "n_frames": d.n_frames, "seconds": d.seconds,
+                       "metrics": per_document_metrics(d, cfg_by_task[task]), "meta": d.meta}
+                yield json.dumps(to_jsonable(rec), allow_nan=False, ensure_ascii=False)
+
+
+def _labels(run: dict) -> dict[str, str]:
+    return {name: row_label(name, info) for name, info in (run.get("models") or {}).items()}
+
+
+def _log_flags(results: dict[str, dict[str, Any]]) -> None:
+    for task, models in results.items():
+        for model, m in models.items():
+            for f in m.get("flags", []):
+                logger.warning("sanity flag %s/%s: %s: %s", task, model, f["code"],
+                               f["message"])
+
+
+def write_outputs(out_dir: Path, run: dict, records: dict[str, dict[str, list[DocRecord]]],
+                  cfg_by_task: dict[str, MetricsConfig]) -> str:
+    """Write every output file of a run into ``out_dir``; return the leaderboard markdown."""
+    from .plots import plot_loss_vs_position  # matplotlib only when plotting
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = {task: {model: summarize_all(recs, cfg_by_task[task])
+                        for model, recs in models.items()}
+                 for task, models in records.items()}
+    results_json = to_jsonable(build_results(run, summaries, cfg_by_task))
+    (out_dir / "results.json").write_text(dumps(results_json) + "\n")
+    frame_rate = next(iter(cfg_by_task.values())).frame_rate if cfg_by_task else 12.5
+    np.savez_compressed(out_dir / "curves.npz", **_curve_arrays(summaries, frame_rate))
+    with open(out_dir / "samples.jsonl", "w") as fh:
+        for line in _sample_lines(summaries, cfg_by_task):
+            fh.write(line + "\n")
+    markdown = render_leaderboard(results_json)
+    (out_dir / "leaderboard.md").write_text(markdown + "\n")
+    plot_loss_vs_position(out_dir / "loss_vs_position", summaries, results_json["baselines"],
+                          _labels(run), cfg_by_task)
+    _log_flags(results_json["results"])
+    return markdown
+
+
+# ----------------------------------------------------------------------------- leaderboard
+
+
+def row_label(name: str, info: dict | None) -> str:
+    """Display name of a model row; legacy rows say so."""
+    info = info or {}
+    label = info.get("label") or name
+    if info.get("legacy") and not str(label).lower().startswith("legacy"):
+        return f"legacy ({label})"
+    return str(label)
+
+
+def _fmt(name: str, v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    text = f"{v:.3e}" if name.startswith("slope") else f"{v:.4f}"
+    return text[1:] if text.startswith("-") and float(text) == 0.0 else text  # no "-0.0000"
+
+
+def _cell(name: str, value: float | None, ci: list | None, n: int | None = None,
+          n_docs: int | None = None, mark: str = "") -> str:
+    if value is None:
+        return "n/a" if not n_docs else f"n/a (n={n or 0})"
+    text = _fmt(name, value) + mark
+    if ci is not None:
+        text += f" [{_fmt(name, ci[0])}, {_fmt(name, ci[1])}]"
+    if n is not None and n_docs is not None and n < n_docs:
+        text += f" (n={n})"
+    return text
+
+
+def _metric_columns(models: dict[str, dict]) -> list[str]:
+    present = [k for m in models.values() for k in m if isinstance(m.get(k), (float, int))
+               or (k in m.get("n", {}))]
+    cols = []
+    for pattern in LEADERBOARD_METRICS:
+        if pattern.endswith("*"):
+            found = {k for k in present if k.startswith(pattern[:-1])}
+            cols += sorted(found, key=lambda k: int(k.split("@")[1]))
+        elif pattern in present:
+            cols.append(pattern)
+    return cols
+
+
+def _targets_cell(m: dict) -> str:
+    parts = []
+    for name, t in (m.get("targets") or {}).items():
+        verdict = {True: "pass", False: "FAIL", None: "n/a"}[t.get("pass")]
+        parts.append(f"{name} {t['target']}: {verdict}")
+    return "; ".join(parts) if parts else "-"
+
+
+def _fps(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def _task_table(task: str, models: dict[str, dict], info: dict[str, dict],
+                baseline: str | None) -> list[str]:
+    cols = _metric_columns(models)
+    has_delta = baseline is not None and baseline in models
+    headers = ["model"] + cols
+    if has_delta:
+        headers += [f"Δ {c}" for c in DELTA_METRICS]
+    has_targets = any(m.get("targets") for m in models.values())
+    headers += (["targets"] if has_targets else []) + ["docs", "frames/s"]
+    rows, notes = [], []
+    for name, m in models.items():
+        plain = row_label(name, info.get(name))
+        label = plain + (" (baseline)" if name == baseline else "")
+        for f in m.get("flags", []):
+            notes.append(f"⚠{len(notes) + 1} {plain}: {f['code']}: {f['message']}")
+            label += f" ⚠{len(notes)}"
+        n_docs = m.get("n_docs")
+        row = [label] + [_cell(c, m.get(c), m.get("ci", {}).get(c), m.get("n", {}).get(c),
+                               n_docs) for c in cols]
+        if has_delta:
+            row += _delta_cells(m.get("delta_vs_baseline"), name == baseline)
+        if has_targets:
+            row.append(_targets_cell(m))
+        row += [str(n_docs), _fps(m.get("frames_per_second"))]
+        rows.append(row)
+    lines = [f"### {task}", "", tabulate(rows, headers=headers, tablefmt="github",
+                                         disable_numparse=True), ""]
+    lines += _footnotes(models, baseline if has_delta else None, notes)
+    return lines
+
+
+def _delta_cells(d: dict | None, is_baseline: bool) -> list[str]:
+    if is_baseline:
+        return ["-"] * len(DELTA_METRICS)
+    if not d:
+        return ["n/a"] * len(DELTA_METRICS)
+    cells = []
+    for c in DELTA_METRICS:
+        mark = "*" if d.get("significant", {}).get(c) else ""
+        cells.append(_cell(c, d.get("delta", {}).get(c), d.get("ci", {}).get(c), mark=mark))
+    return cells
+
+
+def _footnotes(models: dict[str, dict], baseline: str | None, notes: list[str]) -> list[str]:
+    level = next((m.get("ci_level") for m in models.values() if m.get("ci_level")), 0.95)
+    iters = next((m.get("bootstrap_iters") for m in models.values()
+                  if m.get("bootstrap_iters") is not None), None)
+    out = [f"Values: estimate [{100 * level:.0f}% bootstrap interval over documents, "
+           f"{iters} resamples]; (n=k): only k documents reach that position; "
+           "slopes in nats per frame."]
+    if baseline is not None:
+        out.append(f"Δ = model − {baseline} on the same documents (paired bootstrap); "
+                   "* = the interval excludes 0.")
+    out += notes
+    return [line + "  " for line in out[:-1]] + out[-1:] + [""]
+
+
+def render_leaderboard(results_json: dict) -> str:
+    """GitHub-markdown leaderboard (one table per task) from a results.json dict."""
+    info = results_json.get("models") or {}
+    baselines = results_json.get("baselines") or {}
+    lines: list[str] = []
+    for task, models in (results_json.get("results") or {}).items():
+        lines += _task_table(task, models, info, baselines.get(task))
+    extra = results_json.get("merge_notes") or []
+    if results_json.get("complete") is False:
+        extra = ["This run is incomplete (interrupted; resume with --resume)."] + extra
+    lines += extra
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def load_results(path: Path) -> dict:
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path}: no results.json; pass a directory written by `ttt-bench "
+                         "run` (its --output_path)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc}); was the run interrupted?") from exc
+
+
+def _describe_difference(key: str, a: Any, b: Any) -> str:
+    if key == "doc_ids" and isinstance(a, list) and isinstance(b, list):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return (f"document ids differ ({len(a)} vs {len(b)} documents; first difference at "
+                f"index {first}: {a[first] if first < len(a) else None!r} vs "
+                f"{b[first] if first < len(b) else None!r})")
+    return f"{key} differs: {a!r} vs {b!r}"
+
+
+def check_compatible(task: str, ref: dict, ref_dir: Path, other: dict, other_dir: Path) -> None:
+    """Raise ValueError when two runs' data or stream layout for ``task`` differ."""
+    a, b = ref.get("tasks", {}).get(task, {}), other.get("tasks", {}).get(task, {})
+    for section in ("data", "layout"):
+        sa, sb = a.get(section) or {}, b.get(section) or {}
+        for key in sorted(set(sa) | set(sb)):
+            if sa.get(key) != sb.get(key):
+                raise ValueError(
+                    f"cannot merge {other_dir} with {ref_dir}: task {task!r}: {section} "
+                    f"{_describe_difference(key, sa.get(key), sb.get(key))}; only runs on the "
+                    "same documents with the same stream layout are comparable")
+
+
+def _merge_into(merged: dict, run: dict, run_dir: Path, seen: dict) -> None:
+    for task, models in run.get("results", {}).items():
+        if task in seen:
+            check_compatible(task, seen[task][0], seen[task][1], run, run_dir)
+        else:
+            seen[task] = (run, run_dir)
+            merged["tasks"][task] = run.get("tasks", {}).get(task, {})
+            merged["baselines"][task] = (run.get("baselines") or {}).get(task)
+        target = merged["results"].setdefault(task, {})
+        for model, m in models.items():
+            info = (run.get("models") or {}).get(model, {})
+            name = model
+            if model in target:
+                if merged["models"].get(model) == info:
+                    merged["merge_notes"].append(f"{task}/{model}: also in {run_dir}; "
+                                                 "the first run's row is shown")
+                    continue
+                name = f"{model} [{run_dir.name}]"
+                info = {**info, "label": f"{info.get('label') or model} [{run_dir.name}]"}
+            target[name] = m
+            merged["models"][name] = info
+        if run.get("complete") is False:
+            merged["merge_notes"].append(f"{run_dir} is an incomplete run")
+
+
+def merge_runs(dirs: list[Path]) -> str:
+    """``ttt-bench leaderboard DIR...``: one leaderboard over several runs' results.json.
+
+    Runs are merged per task; a run whose documents (ids, source) or stream layout differ from
+    the first run with that task is refused with ValueError naming both and the difference. A
+    model present in several runs with the same options is shown once; with different options
+    each row gets its run directory's name. Deltas are those computed within each run.
+    """
+    if not dirs:
+        raise ValueError("ttt-bench leaderboard: give at least one run directory")
+    merged: dict[str, Any] = {"models": {}, "tasks": {}, "baselines": {}, "results": {},
+                              "merge_notes": []}
+    seen: dict[str, tuple[dict, Path]] = {}
+    for d in dirs:
+        _merge_into(merged, load_results(Path(d)), Path(d), seen)
+    merged["merge_notes"] = [n + "  " for n in merged["merge_notes"][:-1]] + \
+        merged["merge_notes"][-1:]
+    return render_leaderboard(merged)
