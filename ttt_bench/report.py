@@ -75,10 +75,19 @@ def dumps(obj: Any) -> str:
 # ----------------------------------------------------------------------------- results
 
 
-def resolve_baseline(requested: str | None, models: Iterable[str]) -> str | None:
-    """``--baseline NAME`` if given (must be one of the models), else ``frozen`` if present."""
+def resolve_baseline(requested: str | None, models: Iterable[str], strict: bool = True
+                     ) -> str | None:
+    """``--baseline NAME`` if given (must be one of the models), else ``frozen`` if present.
+
+    strict=False (writing outputs at the end of a run): a requested baseline that has no
+    results in this task gives no deltas and a warning instead of losing the run's outputs.
+    """
     models = list(models)
     if requested is not None:
+        if requested not in models and not strict:
+            logger.warning("baseline %r has no results here (models: %s): no deltas",
+                           requested, models)
+            return None
         if requested not in models:
             raise ValueError(f"--baseline {requested!r} is not among the evaluated models "
                              f"{models}; add it to --model or choose one of these")
@@ -93,7 +102,7 @@ def build_results(run: dict, summaries: dict[str, dict[str, list[DocSummary]]],
     baselines: dict[str, str | None] = {}
     for task, models in summaries.items():
         cfg = cfg_by_task[task]
-        base = resolve_baseline(run.get("baseline"), models)
+        base = resolve_baseline(run.get("baseline"), models, strict=False)
         baselines[task] = base
         results[task] = {}
         for model, docs in models.items():
@@ -168,7 +177,7 @@ def write_outputs(out_dir: Path, run: dict, records: dict[str, dict[str, list[Do
         for line in _sample_lines(summaries, cfg_by_task):
             fh.write(line + "\n")
     markdown = render_leaderboard(results_json)
-    (out_dir / "leaderboard.md").write_text(markdown + "\n")
+    (out_dir / "leaderboard.md").write_text(markdown)
     plot_loss_vs_position(out_dir / "loss_vs_position", summaries, results_json["baselines"],
                           _labels(run), cfg_by_task)
     _log_flags(results_json["results"])
