@@ -42,7 +42,8 @@ def test_noiseless_metrics_are_exact():
     m = compute_model_metrics(recs, cfg)
     o = OFFSETS.mean()  # the "all" curve; last frame excluded (codebooks 1-7 not predicted)
     exact = {
-        "mean_nll": a + o + b * (T - 2) / 2,
+        "mean_nll": a + (OFFSETS.sum() * (T - 1) + OFFSETS[0] + b * (T - 1) * (T - 2) / 2 * 8
+                         + b * (T - 1)) / (8 * (T - 1) + 1),  # every predicted value
         "nll@200": a + o + b * 200, "nll@400": a + o + b * 400,
         "early_nll": a + o + b * (N - 1) / 2,
         "late_nll": a + o + b * ((T - N) + (T - 2)) / 2,

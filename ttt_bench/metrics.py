@@ -13,9 +13,9 @@ Conventions (stable; documented here and in the README):
 * Per-document curves. For each document and codebook group (``all`` = codebooks 0-7,
   ``semantic`` = 0, ``acoustic`` = 1-7) the curve at position ``t`` is the mean over the
   group's codebooks, defined where every codebook of the group has a prediction.
-* ``mean_nll``: mean of the ``all`` curve over every defined position of every document
-  (frame-weighted: longer documents weigh more). ``nll_semantic``/``nll_acoustic`` likewise on
-  their curves; ``nll_cb{k}`` over codebook ``k``'s predicted values.
+* ``mean_nll``: mean over every predicted (codebook, position) value of every document
+  (frame-weighted: longer documents weigh more). ``nll_cb{k}`` likewise over codebook ``k``;
+  ``nll_semantic``/``nll_acoustic``: mean of their group curves over every defined position.
 * ``nll@P``: window of positions ``P - window//2 .. P + window//2`` (inclusive, so
   ``window + 1`` frames, centred on P). Only documents with ``T > P + window//2`` (that cover
   the whole window) count; per-document mean over the window first, then the mean over
@@ -304,8 +304,7 @@ def doc_terms(s: DocSummary, cfg: MetricsConfig) -> dict[str, tuple[float, float
     """Per-document (numerator, denominator) of every metric; den 0 = does not contribute."""
     c = s.curves["all"]
     terms: dict[str, tuple[float, float]] = {}
-    ok = np.isfinite(c)
-    terms["mean_nll"] = (float(c[ok].sum()), float(ok.sum()))
+    terms["mean_nll"] = (float(s.cb_sum.sum()), float(s.cb_count.sum()))
     half = cfg.window // 2
     for p in cfg.positions:
         reach = s.n_frames > p + half
