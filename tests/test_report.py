@@ -192,3 +192,16 @@ def test_merge_refuses_different_data_or_layout(tmp_path):
         merge_runs([tmp_path / "a", _write_run(tmp_path / "c", other_layout)])
     with pytest.raises(ValueError, match="no results.json"):
         merge_runs([tmp_path / "missing"])
+
+
+def test_skipped_inputs_and_failed_documents_are_mentioned_under_the_table():
+    from ttt_bench.report import render_leaderboard
+
+    results = {"results": {}, "models": {},
+               "skipped": {"t": [{"doc_id": "a/b/c", "reason": "empty file (0 bytes)"}]},
+               "failed": {"t": {"frozen": [], "legacy": [{"doc_id": "d1", "error": "ValueError: boom"},
+                                                         {"doc_id": "d2", "error": "ValueError: boom"}]}}}
+    text = render_leaderboard(results)
+    assert "t: 1 input(s) skipped (first: a/b/c: empty file (0 bytes))" in text
+    assert "t/legacy: 2 document(s) failed" in text and "ValueError: boom" in text
+    assert "t/frozen" not in text

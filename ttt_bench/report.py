@@ -304,11 +304,28 @@ def render_leaderboard(results_json: dict) -> str:
     lines: list[str] = []
     for task, models in (results_json.get("results") or {}).items():
         lines += _task_table(task, models, info, baselines.get(task))
-    extra = results_json.get("merge_notes") or []
+    extra = _input_notes(results_json) + (results_json.get("merge_notes") or [])
     if results_json.get("complete") is False:
         extra = ["This run is incomplete (interrupted; resume with --resume)."] + extra
     lines += extra
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _input_notes(results_json: dict) -> list[str]:
+    """One line per task whose inputs were skipped or whose documents failed, so nothing that was
+    left out of the table goes unmentioned (the details are in results.json)."""
+    notes = []
+    for task, skipped in (results_json.get("skipped") or {}).items():
+        if skipped:
+            notes.append(f"{task}: {len(skipped)} input(s) skipped (first: {skipped[0]['doc_id']}: "
+                         f"{skipped[0]['reason']}); see `skipped` in results.json.  ")
+    for task, by_model in (results_json.get("failed") or {}).items():
+        for model, failures in by_model.items():
+            if failures:
+                notes.append(f"{task}/{model}: {len(failures)} document(s) failed and are not in its row "
+                             f"(first: {failures[0]['doc_id']}: {failures[0]['error']}); see `failed` in "
+                             "results.json.  ")
+    return notes
 
 
 # ----------------------------------------------------------------------------- merging
