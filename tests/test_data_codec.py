@@ -34,11 +34,6 @@ def mimi():
     return model
 
 
-@pytest.fixture
-def codec(mimi, tmp_path):
-    return MimiCodec(mimi, cache=CodeCache(tmp_path / "cache"), chunk_frames=25)
-
-
 AUDIO = speechlike(3.0, sr=24000, seed=3)  # 38 frames = 76 encoder steps, well past CONTEXT
 
 
@@ -65,10 +60,10 @@ def test_unwidened_ring_cache_would_drift(mimi, monkeypatch):
     errors = {}
     for widen in (True, False):
         if not widen:
-            monkeypatch.setattr(codec_module, "_widen_kv_caches", lambda module, steps: None)
+            monkeypatch.setattr(codec_module, "widen_kv_caches", lambda module, extra: None)
         seen.clear()
         with torch.no_grad(), mimi.streaming(1):
-            codec_module._widen_kv_caches(mimi.encoder_transformer, 20)
+            codec_module.widen_kv_caches(mimi.encoder_transformer, 19)
             for i in range(0, len(AUDIO) // chunk * chunk, chunk):
                 seen.append(mimi._encode_to_unquantized_latent(torch.from_numpy(AUDIO[i:i + chunk])[None, None]))
         streamed = torch.cat(seen, dim=-1)[0]

@@ -11,16 +11,15 @@ room for ``context + C - 1`` keys; the attention mask still limits every query t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from moshi.models.compression import MimiModel
-from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
 from ..models.moshi import FRAME_SIZE, NUM_AUDIO_CODEBOOKS, SAMPLE_RATE, ModelSource, load_mimi, module_hash
+from ..models.streaming import widen_kv_caches
 from .cache import CacheEntry, CodeCache, cache_clear, cache_info  # noqa: F401  (re-exported for the CLI)
 from .decode import DecodeError
 
@@ -64,22 +63,6 @@ class _Chunker:
     @property
     def n_frames(self) -> int:
         return -(-self.n_samples // FRAME_SIZE)
-
-
-def _widen_kv_caches(module: torch.nn.Module, steps_per_call: int) -> None:
-    """Give every streaming ring KV cache room for ``context + steps_per_call - 1`` keys."""
-    for attn in module.modules():
-        state = getattr(attn, "_streaming_state", None)
-        if not isinstance(attn, StreamingMultiheadAttention) or state is None or state.kv_cache is None:
-            continue
-        if attn.context is None:
-            continue
-        old = state.kv_cache
-        _, batch, heads, capacity, dim = old.cache.shape
-        needed = attn.context + steps_per_call - 1
-        if capacity < needed:
-            state.kv_cache = RingKVCache(batch, heads, dim, needed, respect_exec_mask=old.respect_exec_mask,
-                                         device=old.cache.device, dtype=old.cache.dtype)
 
 
 class MimiCodec:
@@ -147,7 +130,7 @@ class MimiCodec:
         with self.mimi.streaming(len(chunkers)):
             steps = self.chunk_frames * round(self.mimi.encoder_frame_rate / self.mimi.frame_rate)
             if self.mimi.encoder_transformer is not None:
-                _widen_kv_caches(self.mimi.encoder_transformer, steps)
+                widen_kv_caches(self.mimi.encoder_transformer, steps - 1)
             while True:
                 batch = np.stack([c.next() for c in chunkers])
                 if all(c.done for c in chunkers) and all(c.n_frames <= len(pieces) * self.chunk_frames
