@@ -52,3 +52,20 @@ def hf_hub_cache() -> Path:
 def assert_exactly_equal(a: torch.Tensor, b: torch.Tensor) -> None:
     """Bit-for-bit equal, NaN where the other is NaN (``torch.equal`` is False for any NaN)."""
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def mimi():
+    """The tiny preset's Mimi (test modules may override this fixture with their own)."""
+    from ttt_bench.models.moshi import ModelSource, load_mimi
+
+    return load_mimi(ModelSource.make(preset="tiny"))
+
+
+@pytest.fixture
+def codec(mimi, tmp_path):
+    """A Mimi codec over ``mimi`` with a private code cache, encoding 2 s per call."""
+    from ttt_bench.audio.cache import CodeCache
+    from ttt_bench.audio.codec import MimiCodec
+
+    return MimiCodec(mimi, cache=CodeCache(tmp_path / "cache"), chunk_frames=25)

@@ -12,25 +12,13 @@ import soundfile as sf
 import torch
 
 from data_fixtures import LAYOUT, flac_bytes, make_librilight_dir, make_webdataset_tar, speechlike, task_config
-from ttt_bench.audio.cache import CodeCache
-from ttt_bench.audio.codec import MimiCodec
 from ttt_bench.audio.decode import iter_audio_24k, load_audio_24k, probe
 from ttt_bench.audio.sources import WebDatasetSource, make_source
-from ttt_bench.models.moshi import FRAME_SIZE, ModelSource, load_mimi
+from ttt_bench.models.moshi import FRAME_SIZE
 from ttt_bench.tasks.librilight_stream import LibriLightStreamTask
 
 IDS = [f"{s}/{b}/{f}" for s, b, f, _ in LAYOUT]
 FRAMES = [math.ceil(sec * 12.5) for *_, sec in LAYOUT]
-
-
-@pytest.fixture(scope="module")
-def mimi():
-    return load_mimi(ModelSource.make(preset="tiny"))
-
-
-@pytest.fixture
-def codec(mimi, tmp_path):
-    return MimiCodec(mimi, cache=CodeCache(tmp_path / "cache"), chunk_frames=25)
 
 
 def check_documents(docs, ids=IDS, frames=FRAMES):

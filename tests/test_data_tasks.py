@@ -9,23 +9,10 @@ import pytest
 import torch
 
 from data_fixtures import flac_bytes, make_librilight_dir, task_config
-from ttt_bench.audio.cache import CodeCache
-from ttt_bench.audio.codec import MimiCodec
-from ttt_bench.models.moshi import ModelSource, load_mimi
 from ttt_bench.tasks.librilight_stream import LibriLightStreamBookTask, LibriLightStreamTask
 
 LAYOUT = [("100", "book_a", "01_a", 1.2), ("100", "book_a", "02_a", 0.9), ("100", "book_a", "03_a", 0.8),
           ("200", "book_b", "01_b", 0.6)]
-
-
-@pytest.fixture(scope="module")
-def mimi():
-    return load_mimi(ModelSource.make(preset="tiny"))
-
-
-@pytest.fixture
-def codec(mimi, tmp_path):
-    return MimiCodec(mimi, cache=CodeCache(tmp_path / "cache"), chunk_frames=25)
 
 
 @pytest.fixture
