@@ -140,3 +140,17 @@ def test_entry_point_plugins_register_models(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "plugins"))
     assert "plugin_model" in registry.list_models()
     assert get_model("plugin_model").name == "plugin_model"
+
+
+def test_stream_layout_is_a_task_option_recorded_in_the_results(two_model_run, tmp_path):
+    out = tmp_path / "layout"
+    assert main(["--model", "frozen", "--model_args", "preset=tiny", "--tasks", "librilight_sample",
+                 "--task_args", "max_frames=300,text_stream=zero,user_stream=silence", "--limit", "2",
+                 "--output_path", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    default = json.loads((two_model_run / "results.json").read_text())
+    assert results["tasks"]["librilight_sample"]["layout"] == {"text_stream": "zero", "user_stream": "silence"}
+    assert default["tasks"]["librilight_sample"]["layout"] == {"text_stream": "pad", "user_stream": "zero"}
+    assert results["verification"]["librilight_sample"][0]["passed"]
+    assert (results["results"]["librilight_sample"]["frozen"]["mean_nll"]
+            != default["results"]["librilight_sample"]["frozen"]["mean_nll"])
