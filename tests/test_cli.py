@@ -154,3 +154,18 @@ def test_stream_layout_is_a_task_option_recorded_in_the_results(two_model_run, t
     assert results["verification"]["librilight_sample"][0]["passed"]
     assert (results["results"]["librilight_sample"]["frozen"]["mean_nll"]
             != default["results"]["librilight_sample"]["frozen"]["mean_nll"])
+
+
+def test_use_fixed_method_false_scores_with_the_legacy_method(tmp_path):
+    out = tmp_path / "legacy"
+    assert main(["--model", "frozen,ttt", "--model_args", "preset=tiny,ttt.gate_init=0.5", "--tasks",
+                 "librilight_sample", "--task_args", "max_frames=300,use_fixed_method=false", "--limit", "1",
+                 "--output_path", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["results"]["librilight_sample"]
+    assert set(rows) == {"legacy(frozen)", "legacy(ttt)"}
+    assert all(results["models"][name]["legacy"] for name in rows)
+    assert results["results"]["librilight_sample"]["legacy(ttt)"]["delta_vs_baseline"]["baseline"] == "legacy(frozen)"
+    rows = [line for line in (out / "leaderboard.md").read_text().splitlines()
+            if line.startswith("| ") and "model" not in line]
+    assert len(rows) == 2 and all(row.startswith("| legacy") for row in rows)

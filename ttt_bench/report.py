@@ -37,6 +37,7 @@ from tabulate import tabulate
 from .metrics import (DocRecord, DocSummary, MetricsConfig, deltas_from_summaries,
                       mean_curves_from_summaries, metrics_from_summaries, per_document_metrics,
                       summarize_all)
+from .models.legacy import legacy_name
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +78,16 @@ def dumps(obj: Any) -> str:
 
 def resolve_baseline(requested: str | None, models: Iterable[str], strict: bool = True
                      ) -> str | None:
-    """``--baseline NAME`` if given (must be one of the models), else ``frozen`` if present.
+    """``--baseline NAME`` if given (must be one of the models), else ``frozen`` if present. In a
+    task scored with ``use_fixed_method: false`` the baseline is its legacy version, legacy(NAME).
 
     strict=False (writing outputs at the end of a run): a requested baseline that has no
     results in this task gives no deltas and a warning instead of losing the run's outputs.
     """
     models = list(models)
+    wanted = requested if requested is not None else DEFAULT_BASELINE
+    if wanted not in models and legacy_name(wanted) in models:
+        return legacy_name(wanted)
     if requested is not None:
         if requested not in models and not strict:
             logger.warning("baseline %r has no results here (models: %s): no deltas",

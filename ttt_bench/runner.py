@@ -193,9 +193,9 @@ def git_hash() -> str | None:
 
 def wrap_legacy(scorers: dict[str, Any], window: int | None) -> dict[str, Any]:
     """``use_fixed_method: false``: score every model with the old separate-forward-pass method."""
-    from .models.legacy import make_legacy
+    from .models.legacy import legacy_name, make_legacy
 
-    return {f"legacy({name})" if not getattr(s, "is_legacy", False) else name:
+    return {legacy_name(name) if not getattr(s, "is_legacy", False) else name:
             (s if getattr(s, "is_legacy", False) else make_legacy(s, window)) for name, s in scorers.items()}
 
 

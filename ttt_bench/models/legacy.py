@@ -74,6 +74,11 @@ class LegacyScorer(StreamingScorer):
         return window[..., start - first:end - first].float()
 
 
+def legacy_name(model: str) -> str:
+    """The name a model is reported under when ``use_fixed_method: false`` scores it the legacy way."""
+    return f"legacy({model})"
+
+
 def make_legacy(scorer: StreamingScorer, window: int | None = None) -> LegacyScorer:
     """The legacy version of ``scorer`` (what ``use_fixed_method: false`` runs)."""
     if isinstance(scorer, LegacyScorer):
