@@ -169,3 +169,29 @@ def test_use_fixed_method_false_scores_with_the_legacy_method(tmp_path):
     rows = [line for line in (out / "leaderboard.md").read_text().splitlines()
             if line.startswith("| ") and "model" not in line]
     assert len(rows) == 2 and all(row.startswith("| legacy") for row in rows)
+
+
+def test_a_run_that_fails_before_scoring_leaves_no_run_behind(tmp_path, capsys, monkeypatch):
+    from ttt_bench import registry
+
+    monkeypatch.setattr(registry, "_TASK_CONFIG_DIRS", list(registry._TASK_CONFIG_DIRS))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "empty_dir.yaml").write_text(
+        f"task: empty_dir\nclass: librilight_stream\nsource: {{type: librilight_dir, path: {tmp_path / 'nothing'}}}\n")
+    args = ["--model", "frozen", "--model_args", "preset=tiny", "--tasks", "empty_dir",
+            "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "records").exists() and not (tmp_path / "out" / "results.json").exists()
+    assert main(args) != 0
+    assert "already holds a run" not in capsys.readouterr().err
+
+
+def test_network_failures_say_what_to_do():
+    import requests
+
+    from ttt_bench.audio.sources import reading
+
+    with pytest.raises(ConnectionError, match="hub-data: could not read the dataset.*local copy"):
+        with reading("hub-data"):
+            raise requests.exceptions.ConnectionError("Failed to resolve 'huggingface.co'")

@@ -464,21 +464,27 @@ def final_exit_code(outcomes: list[ShareOutcome]) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- evaluate
 
 
-def setup_store(spec: RunSpec, dist: Dist, tasks: dict[str, Any]) -> tuple[Path, RecordStore]:
-    """Output directory and record store; refuses a resume whose config differs. Every process
-    checks before the main process writes anything, so they all fail alike."""
+def open_store(spec: RunSpec, tasks: dict[str, Any], dist: Dist) -> tuple[Path, RecordStore]:
+    """Output directory and record store, read-only: refuses an existing run without
+    --overwrite/--resume and a resume whose config differs, before any slow work."""
     out = check_output_dir(spec)
     config = hashed_config(spec, tasks)
     store = RecordStore(out, config_hash(config), dist.rank)
     if spec.resume:
         store.check_config(config)
+    return out, store
+
+
+def init_store(spec: RunSpec, tasks: dict[str, Any], dist: Dist, store: RecordStore) -> None:
+    """Create the output directory and write the run's config. Done once the documents are
+    loaded and verified, so a run that fails before scoring leaves no run behind. Every
+    process has checked (``open_store``) before the main process writes anything."""
     dist.barrier()
     if dist.is_main:
         prepare_output_dir(spec)
-        store.write_config(config)
+        store.write_config(hashed_config(spec, tasks))
         store.clear_stop()
     dist.barrier()
-    return out, store
 
 
 def evaluate(spec: RunSpec) -> dict[str, Any] | None:
@@ -490,12 +496,13 @@ def evaluate(spec: RunSpec) -> dict[str, Any] | None:
     validate_spec(spec)
     dist = Dist.create(spec.device)
     tasks = {name: get_task(name, **spec.task_overrides) for name in spec.tasks}
-    out, store = setup_store(spec, dist, tasks)
+    out, store = open_store(spec, tasks, dist)
     torch.manual_seed(spec.seed)
     scorers = build_scorers(spec, dist.device)
     codec = MimiCodec.from_source(shared_source(scorers), device=dist.device)
     plans = [plan_task(name, task, codec, scorers, spec, dist) for name, task in tasks.items()]
     verifications = verify_all(plans, spec) if dist.is_main else {}
+    init_store(spec, tasks, dist, store)
     done = dist.broadcast(set(store.load_done([k for p in plans for k in p.keys()])[0]) if dist.is_main else None)
     guard = SignalGuard()
     with guard.installed():
