@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"run": cmd_run, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "cache": cmd_cache}
     try:
         return handlers[command](rest)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, KeyError, OSError) as exc:  # bad input, missing files, no network
         from .registry import UnknownNameError
 
         if isinstance(exc, KeyError) and not isinstance(exc, UnknownNameError):

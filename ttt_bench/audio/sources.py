@@ -24,6 +24,7 @@ Relative local paths are looked up in the working directory, then in the ttt_ben
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
@@ -123,15 +124,16 @@ class WebDatasetSource:
     def __iter__(self) -> Iterator[AudioItem]:
         import datasets
 
-        for sample in self._stream(datasets):
-            key = sample["__key__"]
-            parts = _split_id(key.split("/"))
-            meta = {"source": self.label, "key": key, **parts, **librilight_meta(sample.get(self.meta_field))}
-            meta["speaker"] = parts.get("speaker", meta.get("speaker", ""))
-            audio = sample.get(self.audio_field)
-            if isinstance(audio, dict):  # Audio(decode=False) on older datasets: {"bytes", "path"}
-                audio = audio.get("bytes")
-            yield AudioItem("/".join(parts.values()), meta, data=audio or b"")
+        with reading(self.label):
+            for sample in self._stream(datasets):
+                key = sample["__key__"]
+                parts = _split_id(key.split("/"))
+                meta = {"source": self.label, "key": key, **parts, **librilight_meta(sample.get(self.meta_field))}
+                meta["speaker"] = parts.get("speaker", meta.get("speaker", ""))
+                audio = sample.get(self.audio_field)
+                if isinstance(audio, dict):  # Audio(decode=False) on older datasets: {"bytes", "path"}
+                    audio = audio.get("bytes")
+                yield AudioItem("/".join(parts.values()), meta, data=audio or b"")
 
     def _stream(self, datasets):
         """The shards, streamed, with the audio as raw bytes (the Audio feature would need
@@ -145,6 +147,21 @@ class WebDatasetSource:
         # datasets without the Json feature: let it infer the schema, then keep the audio undecoded
         ds = datasets.load_dataset("webdataset", **kwargs)
         return ds.cast_column(self.audio_field, datasets.Audio(decode=False))
+
+
+@contextmanager
+def reading(label: str) -> Iterator[None]:
+    """Turn a network failure while streaming a dataset into an error that says what to do
+    (requests' and huggingface_hub's connection errors are OSErrors)."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, ConnectionError)):
+            raise
+        raise ConnectionError(
+            f"{label}: could not read the dataset ({type(exc).__name__}: {exc}). Without network, point "
+            "the task's source at a local copy (type librilight_dir, or webdataset with local data_files) "
+            "through --include_path, or use a populated HF cache with HF_DATASETS_OFFLINE=1") from exc
 
 
 def _data_file(pattern: str, repo: str | None) -> str:
@@ -245,15 +262,16 @@ class HFAudioSource:
             # take the paths as strings instead (speaker/book come from the folder layout)
             kwargs = {"features": datasets.Features({self.audio_column: datasets.Value("string")}),
                       "drop_labels": True, "drop_metadata": True}
-        ds = datasets.load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
-                                   split=self.split, streaming=True, **kwargs)
-        if ds.features is not None and self.audio_column not in ds.features:
-            raise KeyError(f"{self.label}: no audio column {self.audio_column!r}; columns are "
-                           f"{', '.join(ds.features)} (set source.audio_column)")
-        if ds.features is not None and isinstance(ds.features[self.audio_column], datasets.Audio):
-            ds = ds.cast_column(self.audio_column, datasets.Audio(decode=False))
-        for index, row in enumerate(ds):
-            yield self._item(index, row)
+        with reading(self.label):
+            ds = datasets.load_dataset(self.path, self.name, data_files=self.data_files, data_dir=self.data_dir,
+                                       split=self.split, streaming=True, **kwargs)
+            if ds.features is not None and self.audio_column not in ds.features:
+                raise KeyError(f"{self.label}: no audio column {self.audio_column!r}; columns are "
+                               f"{', '.join(ds.features)} (set source.audio_column)")
+            if ds.features is not None and isinstance(ds.features[self.audio_column], datasets.Audio):
+                ds = ds.cast_column(self.audio_column, datasets.Audio(decode=False))
+            for index, row in enumerate(ds):
+                yield self._item(index, row)
 
     def _relative_id(self, path: str) -> str:
         """The file's path without extension, relative to data_dir when it lies inside it."""
