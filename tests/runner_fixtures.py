@@ -6,6 +6,8 @@ in a subprocess (``python tests/runner_fixtures.py ARGS`` or ``accelerate launch
 * model ``frozen_poisonable``: the frozen scorer, raising inside the model on a ``poison`` row.
 * model ``frozen_slow``: the frozen scorer, sleeping ``TTT_BENCH_TEST_SLEEP`` seconds per call
   (so a test can interrupt a run part-way).
+* model ``separate_pass``: scores each chunk in a pass of its own (the old bug), so the built-in
+  verification fails.
 """
 
 from __future__ import annotations
@@ -68,6 +70,16 @@ class SlowScorer(FrozenScorer):
     def score(self, codes, chunk_size=64, layout=None):
         time.sleep(float(os.environ.get("TTT_BENCH_TEST_SLEEP", "0")))
         return super().score(codes, chunk_size=chunk_size, layout=layout)
+
+
+@register_model("separate_pass")
+class SeparatePassScorer(FrozenScorer):
+    name = "separate_pass"
+
+    def score(self, codes, chunk_size=64, layout=None):
+        parts = [super(SeparatePassScorer, self).score(codes[..., s:s + chunk_size], chunk_size, layout)
+                 for s in range(0, codes.shape[-1], chunk_size)]
+        return torch.cat(parts, dim=-1)
 
 
 if __name__ == "__main__":

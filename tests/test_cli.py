@@ -195,3 +195,17 @@ def test_network_failures_say_what_to_do():
     with pytest.raises(ConnectionError, match="hub-data: could not read the dataset.*local copy"):
         with reading("hub-data"):
             raise requests.exceptions.ConnectionError("Failed to resolve 'huggingface.co'")
+
+
+def test_a_run_whose_loss_fails_verification_stops_with_no_results(tmp_path, capsys, monkeypatch):
+    from test_verify import SeparatePassScorer
+
+    from ttt_bench import registry
+
+    monkeypatch.setattr(registry, "_MODELS", {**registry._MODELS, "separate_pass": SeparatePassScorer})
+    out = tmp_path / "out"
+    code = main(["--model", "separate_pass", "--model_args", "preset=tiny", "--tasks", "librilight_sample",
+                 "--chunk_size", "16", "--output_path", str(out), *SMALL])
+    assert code == 3
+    assert "differs from LMModel.forward" in capsys.readouterr().err
+    assert not (out / "results.json").exists() and not (out / "records").exists()

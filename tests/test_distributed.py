@@ -116,3 +116,15 @@ def test_ctrl_c_stops_every_process_and_one_process_resumes(tmp_path):
     scored = [line["doc_id"] for line in log_lines(out)]
     assert sorted(scored) == sorted(LENGTHS)  # every document exactly once over both runs
     assert_same_results(out, reference)
+
+
+def test_a_failed_verification_stops_every_process(tmp_path):
+    """Verification runs on the main process only; the others must stop too, not wait forever."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(SCRIPT), *ARGS, "--model", "separate_pass",
+               "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("differs from LMModel.forward") >= 2  # both processes say why
+    assert not (tmp_path / "out" / "records").exists()

@@ -189,9 +189,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "run"
     rest = argv[1:] if argv and argv[0] in SUBCOMMANDS else argv
+    from .verify import VerificationError
+
     handlers = {"run": cmd_run, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "cache": cmd_cache}
     try:
         return handlers[command](rest)
+    except VerificationError as exc:
+        print(f"ttt-bench: verification failed: {exc}", file=sys.stderr)
+        return 3
     except (ValueError, KeyError, OSError) as exc:  # bad input, missing files, no network
         from .registry import UnknownNameError
 

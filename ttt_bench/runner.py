@@ -36,7 +36,7 @@ from .models.base import StreamLayout
 from .records import DocFailure, LogEntry, RecordStore, config_hash
 from .registry import get_model, get_task
 from .tasks.base import Document
-from .verify import verify_scorer
+from .verify import VerificationError, verify_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +274,21 @@ def verify_all(plans: list[TaskPlan], spec: RunSpec) -> dict[str, list[dict]]:
     return out
 
 
+def verify_on_main(plans: list[TaskPlan], spec: RunSpec, dist: Dist) -> dict[str, list[dict]]:
+    """``verify_all`` on the main process; a failure there stops every process with its message
+    (instead of leaving the others waiting at the next collective)."""
+    verifications, error = {}, None
+    if dist.is_main:
+        try:
+            verifications = verify_all(plans, spec)
+        except VerificationError as exc:
+            error = str(exc)
+    error = dist.broadcast(error)
+    if error is not None:
+        raise VerificationError(error)
+    return verifications
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -501,7 +516,7 @@ def evaluate(spec: RunSpec) -> dict[str, Any] | None:
     scorers = build_scorers(spec, dist.device)
     codec = MimiCodec.from_source(shared_source(scorers), device=dist.device)
     plans = [plan_task(name, task, codec, scorers, spec, dist) for name, task in tasks.items()]
-    verifications = verify_all(plans, spec) if dist.is_main else {}
+    verifications = verify_on_main(plans, spec, dist)
     init_store(spec, tasks, dist, store)
     done = dist.broadcast(set(store.load_done([k for p in plans for k in p.keys()])[0]) if dist.is_main else None)
     guard = SignalGuard()
