@@ -2,7 +2,7 @@
 
 Models and tasks register by name with a decorator; third-party packages can add their own
 through the entry-point groups ``ttt_bench.models`` and ``ttt_bench.tasks``. Task configs are
-YAML files (data only) found in the package's ``task_configs/`` and any ``--include_path``.
+YAML files (data only) found in the built-in ``task_configs/`` and any ``--include_path``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ logger = logging.getLogger(__name__)
 
 _MODELS: dict[str, Callable[..., Any]] = {}
 _TASK_CLASSES: dict[str, type] = {}
-_TASK_CONFIG_DIRS: list[Path] = [Path(__file__).parent / "task_configs"]
+
+
+def _builtin_task_config_dir() -> Path:
+    """The built-in task configs: ``task_configs/`` at the top of a source checkout (editable
+    install), installed as the data package ``ttt_bench/task_configs`` by a wheel."""
+    installed = Path(__file__).parent / "task_configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "task_configs"
+
+
+_TASK_CONFIG_DIRS: list[Path] = [_builtin_task_config_dir()]
 _builtins_loaded = False
 
 
