@@ -22,16 +22,12 @@ import torch
 from .metrics import DocRecord
 from .models.base import StreamLayout
 from .records import DocFailure
-from .tasks.base import Document
+from .tasks.base import Document, audio_delays
 
 logger = logging.getLogger(__name__)
 
 Outcome = DocRecord | DocFailure
 AUTO_MAX_BATCH = 256
-
-
-def audio_delays(lm) -> list[int]:
-    return list(lm.delays[lm.audio_offset:lm.audio_offset + lm.dep_q])
 
 
 def by_length(docs: Sequence[Document]) -> list[Document]:

@@ -1,11 +1,18 @@
-"""Task configs: YAML (data only, ``yaml.safe_load``) -> a validated ``TaskConfig``."""
+"""Task configs: YAML (data only, ``yaml.safe_load``) -> a validated config dataclass.
+
+Every task class declares its config dataclass (``config_class``): :class:`TaskConfig` holds the
+keys every task has (name, class, source, stream layout, how models are scored and verified,
+bootstrap, targets); a class adds its own keys in a subclass (the long-stream keys are in
+:class:`StreamTaskConfig`). A key the task's class does not declare is refused with the valid
+keys listed.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -15,24 +22,18 @@ class ConfigError(ValueError):
 
 
 _TARGET_OPS = ("<=", ">=", "<", ">")
+DEFAULT_TASK_CLASS = "librilight_stream"
 
 
 @dataclass
 class TaskConfig:
-    """One task variant. Every key of the YAML file maps to a field here (unknown keys are errors)."""
+    """The keys of every task. ``from_dict`` on this base builds the config class of the task
+    class named in ``class``; on a subclass it builds that subclass."""
 
     task: str
-    task_class: str = "librilight_stream"
+    task_class: str = DEFAULT_TASK_CLASS
     description: str = ""
     source: dict[str, Any] = field(default_factory=dict)
-    min_duration_s: float = 600.0
-    max_frames: int = 25000
-    concat_book: bool = False
-    positions: list[int] = field(default_factory=lambda: [8000, 16000, 24000])
-    window: int = 500
-    early_late_frames: int = 1000
-    slope_range: list[int] | None = None
-    segments: list[list[int]] = field(default_factory=lambda: [[4000, 8000], [8000, 16000], [16000, 24000]])
     bootstrap_iters: int = 1000
     text_stream: str = "pad"
     user_stream: str = "zero"
@@ -49,10 +50,15 @@ class TaskConfig:
         data = dict(data)
         if "class" in data:
             data["task_class"] = data.pop("class")
+        if cls is TaskConfig:
+            config_class = config_class_of(data.get("task_class", DEFAULT_TASK_CLASS), source)
+            if config_class is not TaskConfig:
+                return config_class.from_dict(data, source)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: "
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} for a task of class "
+                              f"{data.get('task_class', DEFAULT_TASK_CLASS)!r}; valid keys: "
                               f"{', '.join(sorted((known - {'task_class', 'config_path'}) | {'class'}))}")
         if "task" not in data:
             raise ConfigError(f"{source}: missing key 'task' (the task's name)")
@@ -61,14 +67,11 @@ class TaskConfig:
         return config
 
     def validate(self, source: str) -> None:
-        def fail(key: str, expected: str, value: Any) -> None:
-            raise ConfigError(f"{source}: key {key!r} must be {expected}, got {value!r}")
-
+        fail = _failer(source)
         checks: list[tuple[str, Any, type | tuple[type, ...], str]] = [
             ("task", self.task, str, "a string"),
             ("class", self.task_class, str, "a registered task class name"),
             ("source", self.source, dict, "a mapping (type, path/repo, ...)"),
-            ("concat_book", self.concat_book, bool, "true or false"),
             ("use_fixed_method", self.use_fixed_method, bool, "true or false"),
             ("verify_loss_computation", self.verify_loss_computation, bool, "true or false"),
             ("targets", self.targets, dict, "a mapping of metric to condition like '< 2.25'"),
@@ -76,19 +79,7 @@ class TaskConfig:
         for key, value, kind, expected in checks:
             if not isinstance(value, kind):
                 fail(key, expected, value)
-        for key in ("max_frames", "window", "early_late_frames", "bootstrap_iters"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(key, "a positive integer", value)
-        if not isinstance(self.min_duration_s, (int, float)) or isinstance(self.min_duration_s, bool) \
-                or self.min_duration_s < 0:
-            fail("min_duration_s", "a number of seconds >= 0", self.min_duration_s)
-        if not isinstance(self.positions, list) or not all(isinstance(p, int) and p >= 0 for p in self.positions):
-            fail("positions", "a list of frame indices (integers >= 0)", self.positions)
-        if not isinstance(self.segments, list) or not all(_is_range(s) for s in self.segments):
-            fail("segments", "a list of [start, end] frame ranges with start < end", self.segments)
-        if self.slope_range is not None and not _is_range(self.slope_range):
-            fail("slope_range", "null or [start, end] with start < end", self.slope_range)
+        check_positive_int(fail, self, "bootstrap_iters")
         if self.text_stream not in ("pad", "zero"):
             fail("text_stream", "'pad' or 'zero'", self.text_stream)
         if self.user_stream not in ("zero", "silence"):
@@ -103,6 +94,63 @@ class TaskConfig:
         data = dataclasses.asdict(self)
         data["class"] = data.pop("task_class")
         return data
+
+
+@dataclass
+class StreamTaskConfig(TaskConfig):
+    """Long-stream tasks: which recordings make documents, and the per-position metrics."""
+
+    min_duration_s: float = 600.0
+    max_frames: int = 25000
+    concat_book: bool = False
+    positions: list[int] = field(default_factory=lambda: [8000, 16000, 24000])
+    window: int = 500
+    early_late_frames: int = 1000
+    slope_range: list[int] | None = None
+    segments: list[list[int]] = field(default_factory=lambda: [[4000, 8000], [8000, 16000], [16000, 24000]])
+
+    def validate(self, source: str) -> None:
+        super().validate(source)
+        fail = _failer(source)
+        if not isinstance(self.concat_book, bool):
+            fail("concat_book", "true or false", self.concat_book)
+        for key in ("max_frames", "window", "early_late_frames"):
+            check_positive_int(fail, self, key)
+        if not isinstance(self.min_duration_s, (int, float)) or isinstance(self.min_duration_s, bool) \
+                or self.min_duration_s < 0:
+            fail("min_duration_s", "a number of seconds >= 0", self.min_duration_s)
+        if not isinstance(self.positions, list) or not all(isinstance(p, int) and p >= 0 for p in self.positions):
+            fail("positions", "a list of frame indices (integers >= 0)", self.positions)
+        if not isinstance(self.segments, list) or not all(_is_range(s) for s in self.segments):
+            fail("segments", "a list of [start, end] frame ranges with start < end", self.segments)
+        if self.slope_range is not None and not _is_range(self.slope_range):
+            fail("slope_range", "null or [start, end] with start < end", self.slope_range)
+
+
+def _failer(source: str) -> Callable[[str, str, Any], None]:
+    def fail(key: str, expected: str, value: Any) -> None:
+        raise ConfigError(f"{source}: key {key!r} must be {expected}, got {value!r}")
+
+    return fail
+
+
+def check_positive_int(fail: Callable[[str, str, Any], None], config: Any, key: str) -> None:
+    value = getattr(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        fail(key, "a positive integer", value)
+
+
+def config_class_of(task_class: Any, source: str) -> type[TaskConfig]:
+    """The config dataclass the task class ``task_class`` declares (``config_class``)."""
+    from .registry import UnknownNameError, get_task_class
+
+    if not isinstance(task_class, str):
+        raise ConfigError(f"{source}: key 'class' must be a registered task class name, got {task_class!r}")
+    try:
+        cls = get_task_class(task_class)
+    except UnknownNameError as exc:
+        raise ConfigError(f"{source}: key 'class': {exc}") from None
+    return getattr(cls, "config_class", StreamTaskConfig)
 
 
 def _is_range(value: Any) -> bool:
@@ -121,8 +169,8 @@ def _parse_target(condition: str) -> tuple[str, float] | None:
     return None
 
 
-def load_task_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TaskConfig:
-    """Read a YAML task config; ``overrides`` replace its keys (CLI flags, ``get_task`` kwargs)."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a task config or a group)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -132,5 +180,11 @@ def load_task_config(path: str | Path, overrides: dict[str, Any] | None = None) 
         raise ConfigError(f"{path}: the file is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a task config must be a mapping of keys to values")
-    data.setdefault("task", path.stem)
+    return data
+
+
+def load_task_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TaskConfig:
+    """Read a YAML task config; ``overrides`` replace its keys (CLI flags, ``get_task`` kwargs)."""
+    data = read_yaml(path)
+    data.setdefault("task", Path(path).stem)
     return TaskConfig.from_dict({**data, **(overrides or {})}, source=str(path))

@@ -67,8 +67,9 @@ import logging
 import math
 import operator
 import re
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 
@@ -608,3 +609,98 @@ def per_document_metrics(s: DocSummary, cfg: MetricsConfig) -> dict[str, float |
         out[name] = num / den if den > 0 else None
     out["n_nonfinite"] = s.n_nonfinite
     return out
+
+
+# ----------------------------------------------------------------------------- task metrics
+
+
+class TaskMetrics(ABC):
+    """How one task turns the documents each model scored into results. A task class builds one
+    (``Task.metrics``) and so owns its metrics: what goes into ``results[task][model]``, the
+    deltas to the baseline, the leaderboard columns, the curves and the per-document lines.
+
+    ``summarize`` is the one pass over a model's records; every other method takes its output.
+    """
+
+    unit: ClassVar[str] = "documents"   # what the bootstrap resamples (leaderboard footnote)
+    count_key: ClassVar[str] = "n_docs"  # the metric counting them
+    count_header: ClassVar[str] = "docs"  # its leaderboard column
+    note: ClassVar[str] = ""  # what the leaderboard's footnote says about the columns
+    columns: ClassVar[tuple[str, ...]] = ()        # leaderboard columns; "name*" = every "name..."
+    delta_columns: ClassVar[tuple[str, ...]] = ()  # metrics shown as Δ vs the baseline
+    loss_curves: ClassVar[bool] = False  # its documents go into the loss-vs-position plot
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The settings, for ``metrics_config[task]`` in results.json."""
+
+    @abstractmethod
+    def summarize(self, records: Sequence[DocRecord]) -> Any:
+        ...
+
+    @abstractmethod
+    def model_metrics(self, summary: Any) -> dict[str, Any]:
+        ...
+
+    @abstractmethod
+    def deltas(self, summary: Any, base: Any) -> dict[str, Any]:
+        """``model - baseline`` on what both scored, paired: ``delta``, ``ci``, ``significant``..."""
+
+    def curve_arrays(self, key: str, summary: Any) -> dict[str, np.ndarray]:
+        return {}
+
+    def sample_lines(self, summary: Any) -> Iterable[dict[str, Any]]:
+        return ()
+
+    @classmethod
+    def leaderboard_spec(cls) -> dict[str, Any]:
+        """What the leaderboard shows (stored in results.json, so merged runs render alike)."""
+        return {"columns": list(cls.columns), "delta_columns": list(cls.delta_columns), "unit": cls.unit,
+                "count_key": cls.count_key, "count_header": cls.count_header, "note": cls.note}
+
+
+class StreamMetrics(TaskMetrics):
+    """The long-stream metrics of this module (loss per position), for :class:`MetricsConfig`."""
+
+    columns = ("mean_nll", "nll@*", "early_nll", "late_nll", "improvement", "slope")
+    delta_columns = ("mean_nll", "late_nll", "improvement", "slope")
+    note = "(n=k): only k documents reach that position; slopes in nats per frame"
+    loss_curves = True
+
+    def __init__(self, config: MetricsConfig):
+        self.config = config
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def summarize(self, records: Sequence[DocRecord]) -> list[DocSummary]:
+        return summarize_all(records, self.config)
+
+    def model_metrics(self, summary: list[DocSummary]) -> dict[str, Any]:
+        return metrics_from_summaries(summary, self.config)
+
+    def deltas(self, summary: list[DocSummary], base: list[DocSummary]) -> dict[str, Any]:
+        return deltas_from_summaries(summary, base, self.config)
+
+    def curve_arrays(self, key: str, summary: list[DocSummary]) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {}
+        for group, c in mean_curves_from_summaries(summary).items():
+            prefix = key if group == "all" else f"{key}/{group}"
+            arrays[f"{prefix}/mean"] = c["mean"].astype(np.float32)
+            arrays[f"{prefix}/count"] = c["count"].astype(np.int32)
+        arrays[f"{key}/doc_ids"] = np.array([d.doc_id for d in summary], dtype=str)
+        for i, d in enumerate(summary):
+            arrays[f"{key}/doc/{i}"] = d.curves["all"].astype(np.float32)
+        return arrays
+
+    def sample_lines(self, summary: list[DocSummary]) -> Iterable[dict[str, Any]]:
+        for d in summary:
+            yield {"doc_id": d.doc_id, "source": d.meta.get("source"),
+                   "duration_s": d.meta.get("duration_s"), "n_frames": d.n_frames,
+                   "seconds": d.seconds, "metrics": per_document_metrics(d, self.config),
+                   "meta": d.meta}
+
+
+def as_task_metrics(metrics: TaskMetrics | MetricsConfig) -> TaskMetrics:
+    """A :class:`MetricsConfig` stands for the long-stream metrics it configures."""
+    return StreamMetrics(metrics) if isinstance(metrics, MetricsConfig) else metrics

@@ -5,12 +5,17 @@ results.json = the run dict handed in (config, environment, git_hash, command, c
 skipped, models, tasks, baseline) plus::
 
     "schema_version": 1,
-    "metrics_config": {task: MetricsConfig as a dict},
+    "metrics_config": {task: the task metrics' settings (TaskMetrics.to_dict), with
+                       "leaderboard": the columns, unit and note of its table},
     "baselines": {task: the model every other model is compared to, or null},
     "results": {task: {model: metrics}}   # schema in ttt_bench.metrics; non-baseline models
                                           # carry "delta_vs_baseline"
 
-curves.npz keys (``group`` = semantic | acoustic; the unprefixed ones are the "all" group)::
+Each task's metrics come from its task class (``ttt_bench.metrics.TaskMetrics``); the long-stream
+ones (:class:`ttt_bench.metrics.StreamMetrics`) also give curves and plots.
+
+curves.npz keys of long-stream tasks (``group`` = semantic | acoustic; the unprefixed ones are
+the "all" group)::
 
     {task}/{model}/mean, {task}/{model}/count              mean NLL per position, documents
     {task}/{model}/{group}/mean, {task}/{model}/{group}/count
@@ -18,8 +23,9 @@ curves.npz keys (``group`` = semantic | acoustic; the unprefixed ones are the "a
     {task}/{model}/doc/{i}                                 float32 [T_i], document i's curve
     frame_rate                                             frames per second (12.5)
 
-samples.jsonl: one line per task, model and document: task, model, doc_id, source,
-duration_s, n_frames, seconds, that document's metrics, and its metadata.
+samples.jsonl: one line per task, model and document (long-stream tasks: task, model, doc_id,
+source, duration_s, n_frames, seconds, that document's metrics, and its metadata; other task
+classes say what their lines hold).
 """
 
 from __future__ import annotations
@@ -34,17 +40,15 @@ from typing import Any, Iterable
 import numpy as np
 from tabulate import tabulate
 
-from .metrics import (DocRecord, DocSummary, MetricsConfig, deltas_from_summaries,
-                      mean_curves_from_summaries, metrics_from_summaries, per_document_metrics,
-                      summarize_all)
+from .metrics import DocRecord, MetricsConfig, StreamMetrics, TaskMetrics, as_task_metrics
 from .models.legacy import legacy_name
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DEFAULT_BASELINE = "frozen"
-LEADERBOARD_METRICS = ("mean_nll", "nll@*", "early_nll", "late_nll", "improvement", "slope")
-DELTA_METRICS = ("mean_nll", "late_nll", "improvement", "slope")
+# a results.json written before metrics_config[task] said its columns: the long-stream ones
+DEFAULT_LEADERBOARD = StreamMetrics.leaderboard_spec()
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -100,56 +104,46 @@ def resolve_baseline(requested: str | None, models: Iterable[str], strict: bool 
     return DEFAULT_BASELINE if DEFAULT_BASELINE in models else None
 
 
-def build_results(run: dict, summaries: dict[str, dict[str, list[DocSummary]]],
-                  cfg_by_task: dict[str, MetricsConfig]) -> dict[str, Any]:
-    """The results.json dict (not yet sanitised)."""
+def build_results(run: dict, summaries: dict[str, dict[str, Any]],
+                  metrics_by_task: dict[str, TaskMetrics | MetricsConfig]) -> dict[str, Any]:
+    """The results.json dict (not yet sanitised). ``summaries[task][model]`` is what that
+    task's metrics made of the model's records (``TaskMetrics.summarize``)."""
     results: dict[str, dict[str, Any]] = {}
     baselines: dict[str, str | None] = {}
+    metrics_config: dict[str, dict[str, Any]] = {}
     for task, models in summaries.items():
-        cfg = cfg_by_task[task]
+        metrics = as_task_metrics(metrics_by_task[task])
         base = resolve_baseline(run.get("baseline"), models, strict=False)
         baselines[task] = base
+        metrics_config[task] = {**metrics.to_dict(), "leaderboard": metrics.leaderboard_spec()}
         results[task] = {}
-        for model, docs in models.items():
-            m = metrics_from_summaries(docs, cfg)
+        for model, summary in models.items():
+            m = metrics.model_metrics(summary)
             if base is not None and model != base:
-                m["delta_vs_baseline"] = {"baseline": base,
-                                          **deltas_from_summaries(docs, models[base], cfg)}
+                m["delta_vs_baseline"] = {"baseline": base, **metrics.deltas(summary, models[base])}
             results[task][model] = m
     out = dict(run)
-    out.update({"schema_version": SCHEMA_VERSION,
-                "metrics_config": {t: c.to_dict() for t, c in cfg_by_task.items()
-                                   if t in summaries},
+    out.update({"schema_version": SCHEMA_VERSION, "metrics_config": metrics_config,
                 "baselines": baselines, "results": results})
     return out
 
 
-def _curve_arrays(summaries: dict[str, dict[str, list[DocSummary]]], frame_rate: float
-                  ) -> dict[str, np.ndarray]:
+def _curve_arrays(summaries: dict[str, dict[str, Any]], metrics_by_task: dict[str, TaskMetrics],
+                  frame_rate: float) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {"frame_rate": np.asarray(frame_rate)}
     for task, models in summaries.items():
-        for model, docs in models.items():
-            key = f"{task}/{model}"
-            for group, c in mean_curves_from_summaries(docs).items():
-                prefix = key if group == "all" else f"{key}/{group}"
-                arrays[f"{prefix}/mean"] = c["mean"].astype(np.float32)
-                arrays[f"{prefix}/count"] = c["count"].astype(np.int32)
-            arrays[f"{key}/doc_ids"] = np.array([d.doc_id for d in docs], dtype=str)
-            for i, d in enumerate(docs):
-                arrays[f"{key}/doc/{i}"] = d.curves["all"].astype(np.float32)
+        for model, summary in models.items():
+            arrays.update(metrics_by_task[task].curve_arrays(f"{task}/{model}", summary))
     return arrays
 
 
-def _sample_lines(summaries: dict[str, dict[str, list[DocSummary]]],
-                  cfg_by_task: dict[str, MetricsConfig]) -> Iterable[str]:
+def _sample_lines(summaries: dict[str, dict[str, Any]], metrics_by_task: dict[str, TaskMetrics]
+                  ) -> Iterable[str]:
     for task, models in summaries.items():
-        for model, docs in models.items():
-            for d in docs:
-                rec = {"task": task, "model": model, "doc_id": d.doc_id,
-                       "source": d.meta.get("source"), "duration_s": d.meta.get("duration_s"),
-                       "n_frames": d.n_frames, "seconds": d.seconds,
-                       "metrics": per_document_metrics(d, cfg_by_task[task]), "meta": d.meta}
-                yield json.dumps(to_jsonable(rec), allow_nan=False, ensure_ascii=False)
+        for model, summary in models.items():
+            for rec in metrics_by_task[task].sample_lines(summary):
+                yield json.dumps(to_jsonable({"task": task, "model": model, **rec}), allow_nan=False,
+                                 ensure_ascii=False)
 
 
 def _labels(run: dict) -> dict[str, str]:
@@ -165,26 +159,31 @@ def _log_flags(results: dict[str, dict[str, Any]]) -> None:
 
 
 def write_outputs(out_dir: Path, run: dict, records: dict[str, dict[str, list[DocRecord]]],
-                  cfg_by_task: dict[str, MetricsConfig]) -> str:
-    """Write every output file of a run into ``out_dir``; return the leaderboard markdown."""
+                  metrics_by_task: dict[str, TaskMetrics | MetricsConfig]) -> str:
+    """Write every output file of a run into ``out_dir``; return the leaderboard markdown.
+    ``metrics_by_task[task]`` is the task's :class:`TaskMetrics` (a :class:`MetricsConfig`
+    stands for the long-stream metrics)."""
     from .plots import plot_loss_vs_position  # matplotlib only when plotting
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summaries = {task: {model: summarize_all(recs, cfg_by_task[task])
-                        for model, recs in models.items()}
+    metrics_by_task = {task: as_task_metrics(m) for task, m in metrics_by_task.items()}
+    summaries = {task: {model: metrics_by_task[task].summarize(recs) for model, recs in models.items()}
                  for task, models in records.items()}
-    results_json = to_jsonable(build_results(run, summaries, cfg_by_task))
+    results_json = to_jsonable(build_results(run, summaries, metrics_by_task))
     (out_dir / "results.json").write_text(dumps(results_json) + "\n")
-    frame_rate = next(iter(cfg_by_task.values())).frame_rate if cfg_by_task else 12.5
-    np.savez_compressed(out_dir / "curves.npz", **_curve_arrays(summaries, frame_rate))
+    curve_tasks = [t for t in summaries if metrics_by_task[t].loss_curves]
+    frame_rate = metrics_by_task[curve_tasks[0]].config.frame_rate if curve_tasks else 12.5
+    np.savez_compressed(out_dir / "curves.npz", **_curve_arrays(summaries, metrics_by_task, frame_rate))
     with open(out_dir / "samples.jsonl", "w") as fh:
-        for line in _sample_lines(summaries, cfg_by_task):
+        for line in _sample_lines(summaries, metrics_by_task):
             fh.write(line + "\n")
     markdown = render_leaderboard(results_json)
     (out_dir / "leaderboard.md").write_text(markdown)
-    plot_loss_vs_position(out_dir / "loss_vs_position", summaries, results_json["baselines"],
-                          _labels(run), cfg_by_task)
+    if curve_tasks:
+        plot_loss_vs_position(out_dir / "loss_vs_position", {t: summaries[t] for t in curve_tasks},
+                              results_json["baselines"], _labels(run),
+                              {t: metrics_by_task[t].config for t in curve_tasks})
     _log_flags(results_json["results"])
     return markdown
 
@@ -220,14 +219,14 @@ def _cell(name: str, value: float | None, ci: list | None, n: int | None = None,
     return text
 
 
-def _metric_columns(models: dict[str, dict]) -> list[str]:
+def _metric_columns(models: dict[str, dict], patterns: Iterable[str]) -> list[str]:
     present = [k for m in models.values() for k in m if isinstance(m.get(k), (float, int))
                or (k in m.get("n", {}))]
     cols = []
-    for pattern in LEADERBOARD_METRICS:
+    for pattern in patterns:
         if pattern.endswith("*"):
             found = {k for k in present if k.startswith(pattern[:-1])}
-            cols += sorted(found, key=lambda k: int(k.split("@")[1]))
+            cols += sorted(found, key=lambda k: int(k.split("@")[1]) if "@" in k else k)
         elif pattern in present:
             cols.append(pattern)
     return cols
@@ -246,14 +245,16 @@ def _fps(v: float | None) -> str:
 
 
 def _task_table(task: str, models: dict[str, dict], info: dict[str, dict],
-                baseline: str | None) -> list[str]:
-    cols = _metric_columns(models)
+                baseline: str | None, spec: dict[str, Any]) -> list[str]:
+    cols = _metric_columns(models, spec["columns"])
+    deltas = list(spec["delta_columns"])
+    count_key = spec["count_key"]
     has_delta = baseline is not None and baseline in models
     headers = ["model"] + cols
     if has_delta:
-        headers += [f"Δ {c}" for c in DELTA_METRICS]
+        headers += [f"Δ {c}" for c in deltas]
     has_targets = any(m.get("targets") for m in models.values())
-    headers += (["targets"] if has_targets else []) + ["docs", "frames/s"]
+    headers += (["targets"] if has_targets else []) + [spec["count_header"], "frames/s"]
     rows, notes = [], []
     for name, m in models.items():
         plain = row_label(name, info.get(name))
@@ -261,45 +262,52 @@ def _task_table(task: str, models: dict[str, dict], info: dict[str, dict],
         for f in m.get("flags", []):
             notes.append(f"⚠{len(notes) + 1} {plain}: {f['code']}: {f['message']}")
             label += f" ⚠{len(notes)}"
-        n_docs = m.get("n_docs")
+        count = m.get(count_key)
         row = [label] + [_cell(c, m.get(c), m.get("ci", {}).get(c), m.get("n", {}).get(c),
-                               n_docs) for c in cols]
+                               count) for c in cols]
         if has_delta:
-            row += _delta_cells(m.get("delta_vs_baseline"), name == baseline)
+            row += _delta_cells(m.get("delta_vs_baseline"), name == baseline, deltas)
         if has_targets:
             row.append(_targets_cell(m))
-        row += [str(n_docs), _fps(m.get("frames_per_second"))]
+        row += [str(count), _fps(m.get("frames_per_second"))]
         rows.append(row)
     lines = [f"### {task}", "", tabulate(rows, headers=headers, tablefmt="github",
                                          disable_numparse=True), ""]
-    lines += _footnotes(models, baseline if has_delta else None, notes)
+    lines += _footnotes(models, baseline if has_delta else None, notes, spec)
     return lines
 
 
-def _delta_cells(d: dict | None, is_baseline: bool) -> list[str]:
+def _delta_cells(d: dict | None, is_baseline: bool, columns: list[str]) -> list[str]:
     if is_baseline:
-        return ["-"] * len(DELTA_METRICS)
+        return ["-"] * len(columns)
     if not d:
-        return ["n/a"] * len(DELTA_METRICS)
+        return ["n/a"] * len(columns)
     cells = []
-    for c in DELTA_METRICS:
+    for c in columns:
         mark = "*" if d.get("significant", {}).get(c) else ""
         cells.append(_cell(c, d.get("delta", {}).get(c), d.get("ci", {}).get(c), mark=mark))
     return cells
 
 
-def _footnotes(models: dict[str, dict], baseline: str | None, notes: list[str]) -> list[str]:
+def _footnotes(models: dict[str, dict], baseline: str | None, notes: list[str],
+               spec: dict[str, Any]) -> list[str]:
     level = next((m.get("ci_level") for m in models.values() if m.get("ci_level")), 0.95)
     iters = next((m.get("bootstrap_iters") for m in models.values()
                   if m.get("bootstrap_iters") is not None), None)
-    out = [f"Values: estimate [{100 * level:.0f}% bootstrap interval over documents, "
-           f"{iters} resamples]; (n=k): only k documents reach that position; "
-           "slopes in nats per frame."]
+    unit = spec["unit"]
+    out = [f"Values: estimate [{100 * level:.0f}% bootstrap interval over {unit}, "
+           f"{iters} resamples]" + (f"; {spec['note']}" if spec.get("note") else "") + "."]
     if baseline is not None:
-        out.append(f"Δ = model − {baseline} on the same documents (paired bootstrap); "
+        out.append(f"Δ = model − {baseline} on the same {unit} (paired bootstrap); "
                    "* = the interval excludes 0.")
     out += notes
     return [line + "  " for line in out[:-1]] + out[-1:] + [""]
+
+
+def leaderboard_spec(results_json: dict, task: str) -> dict[str, Any]:
+    """The columns the task's metrics declared (``metrics_config[task]["leaderboard"]``)."""
+    spec = ((results_json.get("metrics_config") or {}).get(task) or {}).get("leaderboard")
+    return {**DEFAULT_LEADERBOARD, **(spec or {})}
 
 
 def render_leaderboard(results_json: dict) -> str:
@@ -308,7 +316,7 @@ def render_leaderboard(results_json: dict) -> str:
     baselines = results_json.get("baselines") or {}
     lines: list[str] = []
     for task, models in (results_json.get("results") or {}).items():
-        lines += _task_table(task, models, info, baselines.get(task))
+        lines += _task_table(task, models, info, baselines.get(task), leaderboard_spec(results_json, task))
     extra = _input_notes(results_json) + (results_json.get("merge_notes") or [])
     if results_json.get("complete") is False:
         extra = ["This run is incomplete (interrupted; resume with --resume)."] + extra
@@ -377,6 +385,7 @@ def _merge_into(merged: dict, run: dict, run_dir: Path, seen: dict) -> None:
         else:
             seen[task] = (run, run_dir)
             merged["tasks"][task] = run.get("tasks", {}).get(task, {})
+            merged["metrics_config"][task] = (run.get("metrics_config") or {}).get(task, {})
             merged["baselines"][task] = (run.get("baselines") or {}).get(task)
         target = merged["results"].setdefault(task, {})
         for model, m in models.items():
@@ -405,7 +414,7 @@ def merge_runs(dirs: list[Path]) -> str:
     """
     if not dirs:
         raise ValueError("ttt-bench leaderboard: give at least one run directory")
-    merged: dict[str, Any] = {"models": {}, "tasks": {}, "baselines": {}, "results": {},
+    merged: dict[str, Any] = {"models": {}, "tasks": {}, "metrics_config": {}, "baselines": {}, "results": {},
                               "merge_notes": []}
     seen: dict[str, tuple[dict, Path]] = {}
     for d in dirs:

@@ -31,11 +31,11 @@ from tqdm import tqdm
 from .batching import BatchScorer, auto_batch_size, iter_batches
 from .distributed import Dist, shard_by_length
 from .interrupt import Interrupted, SignalGuard, exit_code
-from .metrics import DocRecord, MetricsConfig, raise_on_flags
+from .metrics import DocRecord, TaskMetrics, raise_on_flags
 from .models.base import StreamLayout
 from .records import DocFailure, LogEntry, RecordStore, config_hash
 from .registry import get_model, get_task
-from .tasks.base import Document
+from .tasks.base import Document, stream_metrics
 from .verify import VerificationError, verify_scorer
 
 logger = logging.getLogger(__name__)
@@ -160,13 +160,9 @@ def layout_for(config, codec) -> StreamLayout:
     return StreamLayout(config.text_stream, config.user_stream, silence)
 
 
-def metrics_config(task_config, lm) -> MetricsConfig:
-    return MetricsConfig(
-        positions=task_config.positions, window=task_config.window,
-        early_late_frames=task_config.early_late_frames,
-        slope_range=task_config.slope_range, segments=task_config.segments,
-        bootstrap_iters=task_config.bootstrap_iters, card=lm.card,
-        delays=lm.delays[lm.audio_offset:lm.audio_offset + lm.dep_q], targets=task_config.targets)
+def task_metrics(task, lm) -> TaskMetrics:
+    """The task class's metrics (a class without a ``metrics`` hook gets the long-stream ones)."""
+    return task.metrics(lm) if hasattr(task, "metrics") else stream_metrics(task.config, lm)
 
 
 def environment() -> dict[str, Any]:
@@ -230,7 +226,7 @@ class TaskPlan:
     docs: list[Document]
     layout: StreamLayout
     scorers: dict[str, Any]
-    metrics: MetricsConfig
+    metrics: TaskMetrics
     info: dict[str, Any]
     skipped: list[dict[str, Any]]
 
@@ -256,7 +252,7 @@ def plan_task(name: str, task, codec, scorers: dict[str, Any], spec: RunSpec, di
             "data": {"source": config.source, "doc_ids": [d.doc_id for d in docs],
                      "n_frames": [d.n_frames for d in docs]},
             "codec": codec.hash}
-    return TaskPlan(name, config, docs, layout, task_scorers, metrics_config(config, next(iter(scorers.values())).lm),
+    return TaskPlan(name, config, docs, layout, task_scorers, task_metrics(task, next(iter(scorers.values())).lm),
                     info, [asdict(s) for s in task.skipped])
 
 

@@ -1,11 +1,14 @@
-"""Documents and the Task base class."""
+"""Documents, skipped inputs and the Task base class."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+from ..config import StreamTaskConfig, TaskConfig
+from ..metrics import MetricsConfig, StreamMetrics, TaskMetrics
 
 
 @dataclass
@@ -32,3 +35,36 @@ class Skipped:
 
     doc_id: str
     reason: str
+
+
+class Task:
+    """A task class: builds its documents from its config and owns the config keys it accepts
+    (``config_class``) and the metrics it reports (``metrics``). Register one with
+    ``@register_task("name")``; YAML configs name it in their ``class:`` key."""
+
+    config_class: ClassVar[type[TaskConfig]] = StreamTaskConfig
+
+    def __init__(self, config: TaskConfig):
+        self.config = config
+        self.name: str = config.task
+        self.skipped: list[Skipped] = []
+
+    def documents(self, codec: Any, limit: int | None = None, on_bad_input: str = "skip") -> list[Document]:
+        raise NotImplementedError
+
+    def metrics(self, lm: Any) -> TaskMetrics:
+        """The metrics of this task for a model shaped like ``lm`` (its card and delays)."""
+        return stream_metrics(self.config, lm)
+
+
+def stream_metrics(config: Any, lm: Any) -> StreamMetrics:
+    """The long-stream metrics configured by a :class:`StreamTaskConfig`."""
+    return StreamMetrics(MetricsConfig(
+        positions=config.positions, window=config.window, early_late_frames=config.early_late_frames,
+        slope_range=config.slope_range, segments=config.segments, bootstrap_iters=config.bootstrap_iters,
+        card=lm.card, delays=audio_delays(lm), targets=config.targets))
+
+
+def audio_delays(lm: Any) -> list[int]:
+    """The delays of Moshi's own audio codebooks (the ones scored)."""
+    return list(lm.delays[lm.audio_offset:lm.audio_offset + lm.dep_q])

@@ -27,7 +27,7 @@ from ..audio.decode import DecodeError, frames_for_seconds, iter_audio_24k, prob
 from ..audio.sources import AudioItem, make_source
 from ..models.moshi import FRAME_RATE, FRAME_SIZE
 from ..registry import register_task
-from .base import Document, Skipped
+from .base import Document, Skipped, Task
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,13 @@ class _Unit:
 
 
 @register_task("librilight_stream")
-class LibriLightStreamTask:
+class LibriLightStreamTask(Task):
     """Long LibriLight recordings as documents of Mimi codes (see module docstring)."""
 
     concat_book = False
 
     def __init__(self, config: Any):
-        self.config = config
-        self.name: str = getattr(config, "task", "librilight_stream")
+        super().__init__(config)
         self.source_spec: dict[str, Any] = dict(getattr(config, "source", None) or {})
         if not self.source_spec:
             raise ValueError(f"task {self.name}: config has no source (see ttt_bench/audio/sources.py)")
