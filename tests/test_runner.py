@@ -337,7 +337,8 @@ def test_on_error_fail_stops_and_writes_what_was_done(tmp_path):
 
 
 class _SigtermOnCall:
-    """Sends SIGTERM to this process on the n-th call of ``score`` (the verification is call 1)."""
+    """Sends SIGTERM to this process on the n-th call of ``score`` (the loss verification is call 1,
+    the causality check calls 2 and 3)."""
 
     def __init__(self, n: int):
         self.n, self.calls = n, 0
@@ -353,7 +354,7 @@ class _SigtermOnCall:
 
 def test_sigterm_stops_with_partial_results_and_resume_completes(tmp_path, monkeypatch):
     reference = evaluate(_spec(tmp_path / "ref", "frozen_slow", batch_size=2))
-    hook = _SigtermOnCall(4)  # verification, two batches, then SIGTERM in the third
+    hook = _SigtermOnCall(6)  # verifications, two batches, then SIGTERM in the third
     monkeypatch.setattr(runner_fixtures.SlowScorer, "score", hook(runner_fixtures.SlowScorer.score))
     with pytest.raises(RunStopped) as stop:
         evaluate(_spec(tmp_path / "run", "frozen_slow", batch_size=2))

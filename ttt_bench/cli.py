@@ -105,6 +105,9 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--on_error", default="skip", choices=["skip", "fail"],
                    help="a document that fails (out of memory, model error, non-finite loss under --strict): "
                         "record it and go on (skip), or stop after saving everything done (fail)")
+    p.add_argument("--allow_lookahead", action="store_true",
+                   help="measure a model whose loss depends on later frames (it fails the causality check "
+                        "otherwise, exit 3) and flag its rows 'lookahead'")
     p.add_argument("--verbosity", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     return p
 
@@ -123,7 +126,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         limit=args.limit, batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
         dtype=args.dtype, seed=args.seed, output_path=args.output_path, overwrite=args.overwrite,
         resume=args.resume, baseline=args.baseline, strict=args.strict, on_bad_input=args.on_bad_input,
-        on_error=args.on_error, command=shlex.join(["ttt-bench", *argv]))
+        on_error=args.on_error, allow_lookahead=args.allow_lookahead, command=shlex.join(["ttt-bench", *argv]))
     try:
         results = evaluate(spec)
     except RunStopped as stop:

@@ -39,6 +39,7 @@ class TaskConfig:
     user_stream: str = "zero"
     use_fixed_method: bool = True
     verify_loss_computation: bool = True
+    verify_causality: bool = True  # the loss at a frame must not depend on later frames (checked on the first document)
     legacy_window: int | None = None  # frames of context for the legacy method (default: the model's context)
     targets: dict[str, str] = field(default_factory=dict)
     config_path: str | None = None
@@ -74,6 +75,7 @@ class TaskConfig:
             ("source", self.source, dict, "a mapping (type, path/repo, ...)"),
             ("use_fixed_method", self.use_fixed_method, bool, "true or false"),
             ("verify_loss_computation", self.verify_loss_computation, bool, "true or false"),
+            ("verify_causality", self.verify_causality, bool, "true or false"),
             ("targets", self.targets, dict, "a mapping of metric to condition like '< 2.25'"),
         ]
         for key, value, kind, expected in checks:

@@ -122,10 +122,24 @@ def build_results(run: dict, summaries: dict[str, dict[str, Any]],
             if base is not None and model != base:
                 m["delta_vs_baseline"] = {"baseline": base, **metrics.deltas(summary, models[base])}
             results[task][model] = m
+        add_lookahead_flags(results[task], (run.get("causality") or {}).get(task) or [])
     out = dict(run)
     out.update({"schema_version": SCHEMA_VERSION, "metrics_config": metrics_config,
                 "baselines": baselines, "results": results})
     return out
+
+
+def add_lookahead_flags(models: dict[str, dict], checks: list[dict]) -> None:
+    """A model measured with ``--allow_lookahead`` although its loss depends on later frames: flag
+    its row ``lookahead`` (a row flagged so elsewhere, e.g. a ``causal=false`` adapter, once)."""
+    for check in checks:
+        m = models.get(check["model"])
+        if check.get("passed") is False and m is not None and not any(
+                f["code"] == "lookahead" for f in m.setdefault("flags", [])):
+            m["flags"].append({"code": "lookahead", "message": (
+                f"the loss at a frame depends on later frames (changing frames from "
+                f"{check['perturbed_from']} on moved earlier NLL by "
+                f"{check['max_abs_change_before']:.3g} nats); measured with --allow_lookahead")})
 
 
 def _curve_arrays(summaries: dict[str, dict[str, Any]], metrics_by_task: dict[str, TaskMetrics],

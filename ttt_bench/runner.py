@@ -36,7 +36,7 @@ from .models.base import StreamLayout
 from .records import DocFailure, LogEntry, RecordStore, config_hash
 from .registry import get_model, get_task
 from .tasks.base import Document, stream_metrics
-from .verify import VerificationError, verify_scorer
+from .verify import CausalityError, VerificationError, verify_causality, verify_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class RunSpec:
     strict: bool = False
     on_bad_input: str = "skip"
     on_error: str = "skip"  # a document that fails: record it and go on (skip) or stop (fail)
+    allow_lookahead: bool = False  # measure a model that fails the causality check (rows flagged)
     command: str = ""
 
     def output_dir(self) -> Path:
@@ -256,21 +257,23 @@ def plan_task(name: str, task, codec, scorers: dict[str, Any], spec: RunSpec, di
                     info, [asdict(s) for s in task.skipped])
 
 
-def verify_all(plans: list[TaskPlan], spec: RunSpec) -> dict[str, list[dict]]:
-    """Built-in verification (``verify_loss_computation``) of every model on each task's first document."""
-    out: dict[str, list[dict]] = {}
+def verify_all(plans: list[TaskPlan], spec: RunSpec) -> dict[str, dict[str, list[dict]]]:
+    """Built-in checks of every model on each task's first document: the streaming loss against a
+    plain forward pass (``verify_loss_computation``) and causality (``verify_causality``)."""
+    out: dict[str, dict[str, list[dict]]] = {"verification": {}, "causality": {}}
     for plan in plans:
-        out[plan.name] = []
-        if not plan.config.verify_loss_computation:
-            continue
         doc = plan.docs[0]
-        for name, scorer in plan.scorers.items():
-            out[plan.name].append(verify_scorer(name, scorer, doc.doc_id, doc.codes, spec.chunk_size,
-                                                plan.layout).to_dict())
+        out["verification"][plan.name] = [
+            verify_scorer(name, scorer, doc.doc_id, doc.codes, spec.chunk_size, plan.layout).to_dict()
+            for name, scorer in plan.scorers.items()] if plan.config.verify_loss_computation else []
+        out["causality"][plan.name] = [
+            verify_causality(name, scorer, doc.doc_id, doc.codes, spec.chunk_size, plan.layout,
+                             spec.allow_lookahead).to_dict()
+            for name, scorer in plan.scorers.items()] if plan.config.verify_causality else []
     return out
 
 
-def verify_on_main(plans: list[TaskPlan], spec: RunSpec, dist: Dist) -> dict[str, list[dict]]:
+def verify_on_main(plans: list[TaskPlan], spec: RunSpec, dist: Dist) -> dict[str, dict[str, list[dict]]]:
     """``verify_all`` on the main process; a failure there stops every process with its message
     (instead of leaving the others waiting at the next collective)."""
     verifications, error = {}, None
@@ -278,10 +281,11 @@ def verify_on_main(plans: list[TaskPlan], spec: RunSpec, dist: Dist) -> dict[str
         try:
             verifications = verify_all(plans, spec)
         except VerificationError as exc:
-            error = str(exc)
+            error = (type(exc).__name__, str(exc))
     error = dist.broadcast(error)
     if error is not None:
-        raise VerificationError(error)
+        kind = CausalityError if error[0] == CausalityError.__name__ else VerificationError
+        raise kind(error[1])
     return verifications
 
 
@@ -424,7 +428,7 @@ def resume_command(spec: RunSpec, dist: Dist) -> str:
 
 
 def write_results(out: Path, spec: RunSpec, plans: list[TaskPlan], store: RecordStore, complete: bool,
-                  verifications: dict[str, list[dict]], dist: Dist) -> dict[str, Any]:
+                  verifications: dict[str, dict[str, list[dict]]], dist: Dist) -> dict[str, Any]:
     """results.json and the other outputs from the persisted records (main process)."""
     from .report import write_outputs
 
@@ -450,7 +454,8 @@ def write_results(out: Path, spec: RunSpec, plans: list[TaskPlan], store: Record
         "failed": failures,
         "models": model_info,
         "tasks": {plan.name: plan.info for plan in plans},
-        "verification": verifications,
+        "verification": verifications.get("verification", {}),
+        "causality": verifications.get("causality", {}),
         "baseline": spec.baseline or ("frozen" if "frozen" in spec.models else None),
     }
     if not complete:
