@@ -110,10 +110,13 @@ class StreamTaskConfig(TaskConfig):
     early_late_frames: int = 1000
     slope_range: list[int] | None = None
     segments: list[list[int]] = field(default_factory=lambda: [[4000, 8000], [8000, 16000], [16000, 24000]])
+    select: dict[str, Any] = field(default_factory=dict)  # speakers, books, files, max_chapters
+    split: str | None = None  # Hub LibriLight: small | large (sets the source's shards)
 
     def validate(self, source: str) -> None:
         super().validate(source)
         fail = _failer(source)
+        check_select_and_split(source, self)
         if not isinstance(self.concat_book, bool):
             fail("concat_book", "true or false", self.concat_book)
         for key in ("max_frames", "window", "early_late_frames"):
@@ -127,6 +130,24 @@ class StreamTaskConfig(TaskConfig):
             fail("segments", "a list of [start, end] frame ranges with start < end", self.segments)
         if self.slope_range is not None and not _is_range(self.slope_range):
             fail("slope_range", "null or [start, end] with start < end", self.slope_range)
+
+
+def check_select_and_split(source: str, config: Any) -> None:
+    """``select:`` and ``split`` of a task reading LibriLight recordings."""
+    from .audio.sources import LIBRILIGHT_SPLITS, Selection, librilight_split_source
+
+    try:
+        Selection.from_spec(config.select)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if config.split is None:
+        return
+    if config.split not in LIBRILIGHT_SPLITS:
+        _failer(source)("split", f"one of {', '.join(LIBRILIGHT_SPLITS)}", config.split)
+    try:
+        librilight_split_source(config.source, config.split)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _failer(source: str) -> Callable[[str, str, Any], None]:

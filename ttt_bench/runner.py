@@ -250,7 +250,7 @@ def plan_task(name: str, task, codec, scorers: dict[str, Any], spec: RunSpec, di
     task_scorers = scorers if config.use_fixed_method else wrap_legacy(scorers, config.legacy_window)
     info = {"config": config.to_dict(),
             "layout": {"text_stream": layout.text_stream, "user_stream": layout.user_stream},
-            "data": {"source": config.source, "doc_ids": [d.doc_id for d in docs],
+            "data": {"source": getattr(task, "source_spec", config.source), "doc_ids": [d.doc_id for d in docs],
                      "n_frames": [d.n_frames for d in docs]},
             "codec": codec.hash}
     return TaskPlan(name, config, docs, layout, task_scorers, task_metrics(task, next(iter(scorers.values())).lm),

@@ -19,11 +19,17 @@ Source spec (``config.source``, a dict), by ``type``:
 
 Relative local paths are looked up in the working directory, then in the ttt_bench package
 (so ``data/librilight_sample`` finds the packaged sample).
+
+A task's ``select:`` (:class:`Selection`) keeps some recordings of any source: ``speakers``,
+``books``, ``files`` (globs over ``<speaker>/<book>/<file>`` or the file name) and
+``max_chapters`` (the first N recordings of each speaker and book, in source order).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -326,6 +332,88 @@ def _local_or_as_is(path: str) -> str:
         return str(resolve_path(path))
     except FileNotFoundError:
         return path
+
+
+# -- LibriLight on the Hub ------------------------------------------------------------------
+
+LIBRILIGHT_REPO = "collabora/librilight-webdataset"
+LIBRILIGHT_SPLITS = {  # task key ``split`` -> the shards at the root of LIBRILIGHT_REPO
+    "small": "librilight-small-flac-*.tar",  # 8 shards of about 5 GB, 577 h
+    "large": "librilight-large-wo6454-flac-*.tar",
+}
+
+
+def librilight_split_source(spec: dict[str, Any], split: str) -> dict[str, Any]:
+    """``spec`` (a webdataset source on the Hub LibriLight repo) reading the shards of ``split``."""
+    if split not in LIBRILIGHT_SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(LIBRILIGHT_SPLITS)}")
+    if spec.get("type") != "webdataset":
+        raise ValueError(f"split applies to the Hub LibriLight source (type webdataset, repo {LIBRILIGHT_REPO}), "
+                         f"not to source type {spec.get('type')!r}; remove split or select recordings with select:")
+    if spec.get("data_files"):
+        raise ValueError(f"give either split or source.data_files ({spec['data_files']!r}), not both")
+    return {**spec, "repo": spec.get("repo") or LIBRILIGHT_REPO, "data_files": LIBRILIGHT_SPLITS[split]}
+
+
+# -- selection -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which recordings of a source a task uses (``select:`` in a task config). Empty = all."""
+
+    speakers: tuple[str, ...] | None = None
+    books: tuple[str, ...] | None = None
+    files: tuple[str, ...] | None = None  # globs over "<speaker>/<book>/<file>" or the file name
+    max_chapters: int | None = None  # per speaker and book, the first N in source order
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any] | None) -> "Selection":
+        """From the ``select:`` mapping; ValueError names the key at fault."""
+        spec = spec or {}
+        if not isinstance(spec, dict):
+            raise ValueError(f"select must be a mapping with keys {', '.join(SELECT_KEYS)}, got {spec!r}")
+        unknown = sorted(set(spec) - set(SELECT_KEYS))
+        if unknown:
+            raise ValueError(f"select: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(SELECT_KEYS)}")
+        lists = {key: _names(key, spec.get(key)) for key in ("speakers", "books", "files")}
+        max_chapters = spec.get("max_chapters")
+        if max_chapters is not None and (not isinstance(max_chapters, int) or isinstance(max_chapters, bool)
+                                         or max_chapters < 1):
+            raise ValueError(f"select.max_chapters must be a positive integer, got {max_chapters!r}")
+        return cls(**lists, max_chapters=max_chapters)
+
+    def keeps(self, item: AudioItem) -> bool:
+        speaker, book = item.group
+        file = str(item.meta.get("file", item.item_id.rsplit("/", 1)[-1]))
+        return ((self.speakers is None or speaker in self.speakers)
+                and (self.books is None or book in self.books)
+                and (self.files is None or any(fnmatch.fnmatchcase(item.item_id, g) or fnmatch.fnmatchcase(file, g)
+                                               for g in self.files)))
+
+    def apply(self, items: Iterator[AudioItem]) -> Iterator[AudioItem]:
+        taken: Counter = Counter()
+        for item in items:
+            if not self.keeps(item):
+                continue
+            if self.max_chapters is not None:
+                if taken[item.group] >= self.max_chapters:
+                    continue
+                taken[item.group] += 1
+            yield item
+
+
+SELECT_KEYS = ("speakers", "books", "files", "max_chapters")
+
+
+def _names(key: str, value: Any) -> tuple[str, ...] | None:
+    """A list of names (a single name or number is a list of one); numbers become strings (speaker 100)."""
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"select.{key} must be a name or a non-empty list of names, got {value!r}")
+    return tuple(str(v) for v in values)
 
 
 def make_source(spec: dict[str, Any]):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..audio.cache import CacheEntry, hash_bytes
 from ..audio.codec import MimiCodec
 from ..audio.decode import DecodeError, frames_for_seconds, iter_audio_24k, probe
-from ..audio.sources import AudioItem, make_source
+from ..audio.sources import AudioItem, Selection, librilight_split_source, make_source
 from ..models.moshi import FRAME_RATE, FRAME_SIZE
 from ..registry import register_task
 from .base import Document, Skipped, Task
@@ -64,6 +64,9 @@ class LibriLightStreamTask(Task):
         self.source_spec: dict[str, Any] = dict(getattr(config, "source", None) or {})
         if not self.source_spec:
             raise ValueError(f"task {self.name}: config has no source (see ttt_bench/audio/sources.py)")
+        if getattr(config, "split", None) is not None:
+            self.source_spec = librilight_split_source(self.source_spec, config.split)
+        self.selection = Selection.from_spec(getattr(config, "select", None))
         min_duration = getattr(config, "min_duration_s", None)
         self.min_duration_s = float(min_duration) if min_duration is not None else 0.0
         max_frames = getattr(config, "max_frames", None)
@@ -83,7 +86,7 @@ class LibriLightStreamTask(Task):
             raise ValueError(f"limit={limit}: give a positive number of documents (or None for all)")
         self.skipped, self._on_bad_input = [], on_bad_input
         batch_size = batch_size or (8 if codec.device.type == "cuda" else 1)
-        items = iter(make_source(self.source_spec))
+        items = self.selection.apply(iter(make_source(self.source_spec)))
         make = self._book_documents if self.concat_book else self._file_documents
         docs: list[Document] = []
         with tqdm(total=limit, desc=f"{self.name}: audio -> codes", unit="doc", disable=None, leave=False) as bar:
