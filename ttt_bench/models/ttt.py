@@ -1,5 +1,10 @@
 """The ttt adapter: Moshi with TTT layers in its main transformer, scored like ``frozen``.
 
+Two architectures (``arch``): ``ttt_bench``, this project's gated TTT branch after each chosen
+layer (``ttt_layers.py``), and ``moshi_finetune_ttt``, the TTT layer of the moshi-finetune TTT
+fork as that fork trains it (``ttt_fork.py``), causal or, with ``causal=false``, with the
+fork's look-ahead inside each mini-batch.
+
 The TTT branches are moshi ``StreamingModule``s inside the transformer layers, so the frozen
 scorer's chunked streaming pass carries their fast weights from chunk to chunk and resets them
 per document: the TTT update happens in the same pass that produces the loss.
@@ -13,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,9 @@ from moshi.models.lm import LMModel
 from safetensors.torch import load_file, save_file
 
 from ..registry import register_model
+from .base import ScorerInfo, StreamLayout
 from .frozen import FrozenScorer
+from .ttt_fork import ForkTTTBlock, ForkTTTConfig, insert_fork_ttt_block
 from .ttt_layers import INNER_KINDS, TTTBranch, insert_ttt_branch, reset_streaming_children_cache
 
 logger = logging.getLogger(__name__)
@@ -31,6 +38,11 @@ CONFIG_NAME = "ttt_config.json"
 WEIGHTS_NAME = "ttt.safetensors"
 CHECKPOINT_FORMAT = "ttt-bench/ttt-checkpoint/v1"
 BRANCH_KEY = ".ttt_branch."
+FORK_BLOCK_KEY = ".seq_modeling_block."
+ARCHS = ("ttt_bench", "moshi_finetune_ttt")
+FORK_ARCH = "moshi_finetune_ttt"
+FORK_ONLY = {"causal": True, "mlp_layers": 2, "mlp_hidden_dims": None, "mlp_expansion_factor": 4.0,
+             "use_rope": False, "rope_theta": 10000.0}  # options of the fork's layer, and their defaults
 
 
 @dataclass
@@ -39,29 +51,62 @@ class TTTOptions:
 
     layers: indices into the main transformer ([1, 3], 3, "1;3", "1 3", negative from the end),
     or "last N", or "all". num_heads None: the transformer's own number of heads.
+    arch: "ttt_bench" (inner "linear" or "mlp") or "moshi_finetune_ttt" (the fork's TTT-MLP of
+    ``mlp_layers`` layers, optional RoPE, and ``causal``: false reproduces its look-ahead).
     """
 
     layers: Any = "last 2"
-    inner: str = "linear"
+    inner: str | None = None  # "linear" for ttt_bench, "mlp" (the only one) for the fork
     mini_batch_size: int = 16
     base_lr: float = 1.0
     num_heads: int | None = None
     gate_init: float = 0.1
+    arch: str = "ttt_bench"
+    causal: bool = True
+    mlp_layers: int = 2
+    mlp_hidden_dims: Any = None
+    mlp_expansion_factor: float = 4.0
+    use_rope: bool = False
+    rope_theta: float = 10000.0
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"TTT arch={self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if self.inner is None:
+            self.inner = "mlp" if self.arch == FORK_ARCH else "linear"
         if self.inner not in INNER_KINDS:
             raise ValueError(f"TTT inner={self.inner!r}: choose one of {', '.join(INNER_KINDS)}")
-        self.mini_batch_size = int(self.mini_batch_size)
+        self.mini_batch_size, self.mlp_layers = int(self.mini_batch_size), int(self.mlp_layers)
         self.base_lr, self.gate_init = float(self.base_lr), float(self.gate_init)
+        self.mlp_expansion_factor, self.rope_theta = float(self.mlp_expansion_factor), float(self.rope_theta)
+        self.causal, self.use_rope = as_bool(self.causal, "causal"), as_bool(self.use_rope, "use_rope")
+        self.mlp_hidden_dims = parse_dims(self.mlp_hidden_dims)
         self.num_heads = None if self.num_heads in (None, "", "None") else int(self.num_heads)
         if self.mini_batch_size < 1:
             raise ValueError(f"TTT mini_batch_size must be >= 1, got {self.mini_batch_size}")
+        if self.arch == FORK_ARCH and self.inner != "mlp":
+            raise ValueError(f"TTT inner={self.inner!r}: arch={FORK_ARCH} has only the fork's TTT-MLP "
+                             "(inner=mlp; its depth is mlp_layers)")
+        if self.arch != FORK_ARCH:
+            odd = [k for k, default in FORK_ONLY.items() if getattr(self, k) != default]
+            if odd:
+                raise ValueError(f"TTT option(s) {odd} exist only for arch={FORK_ARCH} (arch={self.arch} "
+                                 "is causal, with a 1- or 2-layer inner model and no RoPE)")
 
     def resolve(self, lm: LMModel) -> "TTTOptions":
         """These options with ``layers`` as a sorted list of indices and ``num_heads`` set."""
         heads = self.num_heads or lm.transformer.layers[0].self_attn.num_heads
-        return TTTOptions(parse_layers(self.layers, len(lm.transformer.layers)), self.inner,
-                          self.mini_batch_size, self.base_lr, heads, self.gate_init)
+        return replace(self, layers=parse_layers(self.layers, len(lm.transformer.layers)), num_heads=heads)
+
+    def fork_config(self, dim: int) -> ForkTTTConfig:
+        return ForkTTTConfig(dim, self.num_heads, self.mini_batch_size, self.base_lr, self.mlp_layers,
+                             self.mlp_hidden_dims, self.mlp_expansion_factor, self.use_rope,
+                             self.rope_theta, self.causal)
+
+    @property
+    def lookahead(self) -> bool:
+        """Whether a frame's loss depends on later frames (the fork's training forward)."""
+        return self.arch == FORK_ARCH and not self.causal
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> "TTTOptions":
@@ -70,6 +115,23 @@ class TTTOptions:
         if unknown:
             raise ValueError(f"{where}: unknown TTT option(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+def as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"TTT {name}={value!r}: give true or false")
+
+
+def parse_dims(dims: Any) -> tuple[int, ...] | None:
+    """None, a list of sizes, or a string of them ("512;512")."""
+    if dims in (None, "", "None"):
+        return None
+    if isinstance(dims, str):
+        dims = [part for part in re.split(r"[\s;+:]+", dims.strip()) if part]
+    return tuple(int(d) for d in dims)
 
 
 def parse_layers(layers: Any, num_layers: int) -> list[int]:
@@ -107,6 +169,11 @@ def insert_ttt_layers(lm: LMModel, options: TTTOptions, seed: int = 0) -> TTTOpt
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for index in options.layers:
+            if options.arch == FORK_ARCH:
+                block = ForkTTTBlock(options.fork_config(lm.dim), options.gate_init, device=lm.device,
+                                     dtype=lm.dtype)
+                insert_fork_ttt_block(lm.transformer.layers[index], block)
+                continue
             branch = TTTBranch(lm.dim, options.inner, options.num_heads, options.mini_batch_size,
                                options.base_lr, options.gate_init, device=lm.device, dtype=lm.dtype)
             insert_ttt_branch(lm.transformer.layers[index], branch)
@@ -115,8 +182,9 @@ def insert_ttt_layers(lm: LMModel, options: TTTOptions, seed: int = 0) -> TTTOpt
 
 
 def ttt_state_dict(lm: LMModel) -> dict[str, torch.Tensor]:
-    """The TTT parameters of ``lm`` (everything under a ``ttt_branch``)."""
-    return {name: tensor for name, tensor in lm.state_dict().items() if BRANCH_KEY in name}
+    """The TTT parameters of ``lm`` (everything under a ``ttt_branch`` or ``seq_modeling_block``)."""
+    return {name: tensor for name, tensor in lm.state_dict().items()
+            if BRANCH_KEY in name or FORK_BLOCK_KEY in name}
 
 
 def save_ttt_checkpoint(lm: LMModel, options: TTTOptions, directory: str | Path,
@@ -206,6 +274,31 @@ class TTTScorer(FrozenScorer):
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), **asdict(self.ttt_options), "ttt_checkpoint": self.ttt_checkpoint}
+
+    @property
+    def lookahead(self) -> bool:
+        return self.ttt_options.lookahead
+
+    @property
+    def info(self) -> ScorerInfo:
+        info = super().info
+        if self.ttt_options.arch == FORK_ARCH:
+            causal = "true" if self.ttt_options.causal else "false"
+            info.label = f"{info.label} ({FORK_ARCH}, causal={causal})"
+        return info
+
+    def check_chunk_size(self, chunk_size: int) -> None:
+        """causal=false outputs a mini-batch only once all of it is read: chunks of whole ones."""
+        C = self.ttt_options.mini_batch_size
+        if self.ttt_options.lookahead and chunk_size % C:
+            raise ValueError(f"ttt causal=false: chunk_size {chunk_size} is not a multiple of the TTT "
+                             f"mini_batch_size {C} (each mini-batch is output only once all its frames "
+                             f"are read); use --chunk_size {max(C, chunk_size // C * C)}")
+
+    def score(self, codes: torch.Tensor, chunk_size: int = 64,
+              layout: StreamLayout | None = None) -> torch.Tensor:
+        self.check_chunk_size(chunk_size)
+        return super().score(codes, chunk_size, layout)
 
 
 def _check_no_conflict(lm: LMModel, options: TTTOptions, given: dict[str, Any], checkpoint: str | Path) -> None:

@@ -42,19 +42,20 @@ FastWeights = dict[str, torch.Tensor]
 
 # -- inner-loop maths (float32) ------------------------------------------------------------
 
-def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    eps: float = LN_EPS) -> torch.Tensor:
     """LayerNorm over the last dim with per-head affine ``weight``/``bias`` [nh, 1, f]."""
     mu = x.mean(dim=-1, keepdim=True)
     var = x.var(dim=-1, keepdim=True, unbiased=False)
-    return weight * (x - mu) / torch.sqrt(var + LN_EPS) + bias
+    return weight * (x - mu) / torch.sqrt(var + eps) + bias
 
 
 def head_layer_norm_l2_grad(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                            bias: torch.Tensor) -> torch.Tensor:
+                            bias: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
     """Gradient w.r.t. ``x`` of ``0.5 * ||head_layer_norm(x) - target||^2`` (per token)."""
     dim = x.shape[-1]
     mu = x.mean(dim=-1, keepdim=True)
-    std = torch.sqrt(x.var(dim=-1, keepdim=True, unbiased=False) + LN_EPS)
+    std = torch.sqrt(x.var(dim=-1, keepdim=True, unbiased=False) + eps)
     x_hat = (x - mu) / std
     grad_x_hat = (weight * x_hat + bias - target) * weight
     return (dim * grad_x_hat - grad_x_hat.sum(dim=-1, keepdim=True)
