@@ -137,7 +137,9 @@ def cmd_run(argv: Sequence[str]) -> int:
         return 0
     out = Path(results["config"]["output_path"])
     print((out / "leaderboard.md").read_text())
-    print(f"\nwrote {out}/results.json, curves.npz, leaderboard.md, loss_vs_position.png")
+    written = [name for name in ("results.json", "curves.npz", "leaderboard.md", "loss_vs_position.png")
+               if (out / name).exists()]
+    print(f"\nwrote {out}/{', '.join(written)}")
     return 0
 
 

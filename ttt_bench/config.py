@@ -211,3 +211,52 @@ def load_task_config(path: str | Path, overrides: dict[str, Any] | None = None) 
     data = read_yaml(path)
     data.setdefault("task", Path(path).stem)
     return TaskConfig.from_dict({**data, **(overrides or {})}, source=str(path))
+
+
+@dataclass
+class GroupConfig:
+    """A group of tasks, as lm-eval has them: ``group`` (its name), ``task`` (member tasks or
+    groups) and ``aggregate_metric_list`` (the metrics whose mean over the members it reports;
+    a member group counts as one member, with its own mean)."""
+
+    group: str
+    task: list[str]
+    aggregate_metric_list: list[dict[str, Any]] = field(default_factory=lambda: [{"metric": "acc"}])
+    description: str = ""
+    config_path: str | None = None
+
+    @property
+    def metrics(self) -> list[str]:
+        return [m["metric"] for m in self.aggregate_metric_list]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str) -> "GroupConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"config_path"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} for a task group; valid keys: "
+                              f"{', '.join(sorted(known))}")
+        fail = _failer(source)
+        tasks = data.get("task")
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+            fail("task", "a non-empty list of task or group names", tasks)
+        metrics = data.get("aggregate_metric_list", [{"metric": "acc"}])
+        if not isinstance(metrics, list) or not metrics:
+            fail("aggregate_metric_list", "a list of {metric: NAME}", metrics)
+        for entry in metrics:
+            if not isinstance(entry, dict) or not isinstance(entry.get("metric"), str):
+                fail("aggregate_metric_list", "a list of {metric: NAME}", metrics)
+            extra = {k: v for k, v in entry.items() if k != "metric"}
+            if extra not in ({}, {"aggregation": "mean"}, {"weight_by_size": False},
+                             {"aggregation": "mean", "weight_by_size": False}):
+                fail("aggregate_metric_list", "entries with aggregation: mean and weight_by_size: false "
+                                              "(the only aggregation ttt-bench computes)", entry)
+        return cls(**data, config_path=source)
+
+
+def is_group_file(path: str | Path) -> bool:
+    return "group" in read_yaml(path)
+
+
+def load_group_config(path: str | Path) -> GroupConfig:
+    return GroupConfig.from_dict(read_yaml(path), source=str(path))

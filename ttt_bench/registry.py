@@ -129,12 +129,46 @@ def get_task_class(name: str) -> type:
     return _TASK_CLASSES[name]
 
 
+def get_group(name: str) -> Any:
+    """The ``GroupConfig`` of the task group ``name``, or None if ``name`` is not a group."""
+    from .config import is_group_file, load_group_config
+
+    path = task_config_files().get(name)
+    return load_group_config(path) if path is not None and is_group_file(path) else None
+
+
+def expand_tasks(names: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Task names with every group replaced by its members (recursively, each task once, in
+    order), and the groups met on the way (name -> ``GroupConfig``), members before their group."""
+    tasks: list[str] = []
+    groups: dict[str, Any] = {}
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            raise ValueError(f"task group {name!r} contains itself ({' -> '.join(path + (name,))})")
+        group = get_group(name)
+        if group is None:
+            if name not in tasks:
+                tasks.append(name)
+            return
+        for member in group.task:
+            visit(member, path + (name,))
+        groups.setdefault(name, group)
+
+    for name in names:
+        visit(name, ())
+    return tasks, groups
+
+
 def get_task(name: str, **overrides) -> Any:
     """Build the task ``name`` from its YAML config, with keys overridden by ``overrides``."""
     from .config import load_task_config, TaskConfig
 
     _load_builtins()
     files = task_config_files()
+    if get_group(name) is not None:
+        raise ValueError(f"{name} is a group of tasks ({files[name]}); expand it with expand_tasks, or "
+                         f"give it to --tasks, which runs its members")
     if name in files:
         config = load_task_config(files[name], overrides)
     elif name in _TASK_CLASSES:

@@ -125,7 +125,9 @@ def build_results(run: dict, summaries: dict[str, dict[str, Any]],
         add_lookahead_flags(results[task], (run.get("causality") or {}).get(task) or [])
     out = dict(run)
     out.update({"schema_version": SCHEMA_VERSION, "metrics_config": metrics_config,
-                "baselines": baselines, "results": results})
+                "baselines": baselines, "results": results,
+                "groups": group_results(results, baselines, run.get("group_subtasks") or {},
+                                        run.get("group_metrics") or {})})
     return out
 
 
@@ -140,6 +142,45 @@ def add_lookahead_flags(models: dict[str, dict], checks: list[dict]) -> None:
                 f"the loss at a frame depends on later frames (changing frames from "
                 f"{check['perturbed_from']} on moved earlier NLL by "
                 f"{check['max_abs_change_before']:.3g} nats); measured with --allow_lookahead")})
+
+
+def group_results(results: dict[str, dict[str, Any]], baselines: dict[str, str | None],
+                  subtasks: dict[str, list[str]], metrics: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """``groups[group][model]`` (lm-eval's ``groups``): the mean of each aggregated metric over the
+    group's members (a member group counts once, with its own mean); None where a member has no
+    value for that model. Groups come members first (``registry.expand_tasks``)."""
+    groups: dict[str, dict[str, Any]] = {}
+
+    def member_value(member: str, model: str, metric: str) -> float | None:
+        source = groups if member in groups else results
+        return ((source.get(member) or {}).get(model) or {}).get(metric)
+
+    for group, members in subtasks.items():
+        models = [m for member in members for m in (groups.get(member) or results.get(member) or {})]
+        rows: dict[str, Any] = {}
+        for model in dict.fromkeys(models):
+            row: dict[str, Any] = {"n_tasks": len(members)}
+            for metric in metrics.get(group, []):
+                values = [member_value(member, model, metric) for member in members]
+                row[metric] = None if any(v is None for v in values) else float(np.mean(values))
+            row["n_missing"] = sum(member_value(m, model, metrics[group][0]) is None for m in members) \
+                if metrics.get(group) else 0
+            rows[model] = row
+        base = next((b for b in (baselines.get(m) or _group_baseline(groups, m) for m in members) if b), None)
+        for model, row in rows.items():
+            if base is not None and base in rows and model != base:
+                row["delta_vs_baseline"] = {"baseline": base, "delta": {
+                    metric: None if row[metric] is None or rows[base][metric] is None else row[metric] - rows[base][metric]
+                    for metric in metrics.get(group, [])}}
+        groups[group] = rows
+    return groups
+
+
+def _group_baseline(groups: dict[str, dict[str, Any]], member: str) -> str | None:
+    for row in (groups.get(member) or {}).values():
+        if row.get("delta_vs_baseline"):
+            return row["delta_vs_baseline"]["baseline"]
+    return None
 
 
 def _curve_arrays(summaries: dict[str, dict[str, Any]], metrics_by_task: dict[str, TaskMetrics],
@@ -318,6 +359,24 @@ def _footnotes(models: dict[str, dict], baseline: str | None, notes: list[str],
     return [line + "  " for line in out[:-1]] + out[-1:] + [""]
 
 
+def _group_table(group: str, models: dict[str, dict], info: dict[str, dict], members: list[str]) -> list[str]:
+    metrics = [k for k in next(iter(models.values()), {}) if k not in ("n_tasks", "n_missing", "delta_vs_baseline")]
+    base = next((m["delta_vs_baseline"]["baseline"] for m in models.values() if m.get("delta_vs_baseline")), None)
+    headers = ["model"] + metrics + ([f"Δ {c}" for c in metrics] if base else []) + ["tasks"]
+    rows = []
+    for name, m in models.items():
+        row = [row_label(name, info.get(name)) + (" (baseline)" if name == base else "")]
+        row += [_fmt(c, m.get(c)) for c in metrics]
+        if base:
+            delta = (m.get("delta_vs_baseline") or {}).get("delta") or {}
+            row += ["-" if name == base else _fmt(c, delta.get(c)) for c in metrics]
+        row.append(f"{m['n_tasks'] - m.get('n_missing', 0)}/{m['n_tasks']}")
+        rows.append(row)
+    return [f"### {group} (group)", "", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), "",
+            f"Mean over the group's {len(members)} members ({', '.join(members)}); a member group counts once "
+            "with its own mean; n/a where a member has no value.", ""]
+
+
 def leaderboard_spec(results_json: dict, task: str) -> dict[str, Any]:
     """The columns the task's metrics declared (``metrics_config[task]["leaderboard"]``)."""
     spec = ((results_json.get("metrics_config") or {}).get(task) or {}).get("leaderboard")
@@ -331,6 +390,8 @@ def render_leaderboard(results_json: dict) -> str:
     lines: list[str] = []
     for task, models in (results_json.get("results") or {}).items():
         lines += _task_table(task, models, info, baselines.get(task), leaderboard_spec(results_json, task))
+    for group, models in (results_json.get("groups") or {}).items():
+        lines += _group_table(group, models, info, (results_json.get("group_subtasks") or {}).get(group, []))
     extra = _input_notes(results_json) + (results_json.get("merge_notes") or [])
     if results_json.get("complete") is False:
         extra = ["This run is incomplete (interrupted; resume with --resume)."] + extra

@@ -34,7 +34,7 @@ from .interrupt import Interrupted, SignalGuard, exit_code
 from .metrics import DocRecord, TaskMetrics, raise_on_flags
 from .models.base import StreamLayout
 from .records import DocFailure, LogEntry, RecordStore, config_hash
-from .registry import get_model, get_task
+from .registry import expand_tasks, get_model, get_task
 from .tasks.base import Document, stream_metrics
 from .verify import CausalityError, VerificationError, verify_causality, verify_scorer
 
@@ -428,7 +428,8 @@ def resume_command(spec: RunSpec, dist: Dist) -> str:
 
 
 def write_results(out: Path, spec: RunSpec, plans: list[TaskPlan], store: RecordStore, complete: bool,
-                  verifications: dict[str, dict[str, list[dict]]], dist: Dist) -> dict[str, Any]:
+                  verifications: dict[str, dict[str, list[dict]]], dist: Dist,
+                  groups: dict[str, Any] | None = None) -> dict[str, Any]:
     """results.json and the other outputs from the persisted records (main process)."""
     from .report import write_outputs
 
@@ -457,6 +458,8 @@ def write_results(out: Path, spec: RunSpec, plans: list[TaskPlan], store: Record
         "verification": verifications.get("verification", {}),
         "causality": verifications.get("causality", {}),
         "baseline": spec.baseline or ("frozen" if "frozen" in spec.models else None),
+        "group_subtasks": {name: list(g.task) for name, g in (groups or {}).items()},
+        "group_metrics": {name: g.metrics for name, g in (groups or {}).items()},
     }
     if not complete:
         run["resume_command"] = resume_command(spec, dist)
@@ -511,7 +514,8 @@ def evaluate(spec: RunSpec) -> dict[str, Any] | None:
 
     validate_spec(spec)
     dist = Dist.create(spec.device)
-    tasks = {name: get_task(name, **spec.task_overrides) for name in spec.tasks}
+    task_names, groups = expand_tasks(spec.tasks)
+    tasks = {name: get_task(name, **spec.task_overrides) for name in task_names}
     out, store = open_store(spec, tasks, dist)
     torch.manual_seed(spec.seed)
     scorers = build_scorers(spec, dist.device)
@@ -528,7 +532,7 @@ def evaluate(spec: RunSpec) -> dict[str, Any] | None:
         results = None
         code, reason = final_exit_code(outcomes) if dist.is_main else (0, "")
         if dist.is_main:
-            results = write_results(out, spec, plans, store, code == 0, verifications, dist)
+            results = write_results(out, spec, plans, store, code == 0, verifications, dist, groups)
             store.clear_stop()
         code, reason = dist.broadcast((code, reason))
     dist.close()

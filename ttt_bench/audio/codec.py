@@ -119,21 +119,25 @@ class MimiCodec:
         return result
 
     @torch.no_grad()
-    def encode_streams(self, streams: list[Iterable[np.ndarray]]) -> list[torch.Tensor | DecodeError]:
+    def encode_streams(self, streams: list[Iterable[np.ndarray]],
+                       chunk_frames: int | None = None) -> list[torch.Tensor | DecodeError]:
         """Encode several recordings side by side (one batch, streamed chunk by chunk).
 
+        ``chunk_frames`` (default ``self.chunk_frames``) only sets how much is encoded per call
+        (short clips need less than 10 s); the codes do not depend on it.
         Returns codes [8, T_i] per recording, or the DecodeError that stopped it.
         """
-        chunk = self.chunk_frames * FRAME_SIZE
+        chunk_frames = chunk_frames or self.chunk_frames
+        chunk = chunk_frames * FRAME_SIZE
         chunkers = [_Chunker(s, chunk) for s in streams]
         pieces: list[torch.Tensor] = []
         with self.mimi.streaming(len(chunkers)):
-            steps = self.chunk_frames * round(self.mimi.encoder_frame_rate / self.mimi.frame_rate)
+            steps = chunk_frames * round(self.mimi.encoder_frame_rate / self.mimi.frame_rate)
             if self.mimi.encoder_transformer is not None:
                 widen_kv_caches(self.mimi.encoder_transformer, steps - 1)
             while True:
                 batch = np.stack([c.next() for c in chunkers])
-                if all(c.done for c in chunkers) and all(c.n_frames <= len(pieces) * self.chunk_frames
+                if all(c.done for c in chunkers) and all(c.n_frames <= len(pieces) * chunk_frames
                                                          for c in chunkers):
                     break
                 x = torch.from_numpy(batch).to(self.device)[:, None, :]
