@@ -331,3 +331,28 @@ def test_options_that_do_not_apply_are_refused_by_name():
     with pytest.raises(ValueError, match="inner='linear'"):
         TTTOptions(arch="moshi_finetune_ttt", inner="linear")
     assert TTTOptions(arch="moshi_finetune_ttt", causal="false", mlp_hidden_dims="12;20").mlp_hidden_dims == (12, 20)
+
+
+def test_cli_measures_causal_false_flagged_lookahead_and_refuses_split_mini_batches(tmp_path, capsys):
+    import json
+
+    from ttt_bench.cli import main
+
+    run = ["--model", "ttt", "--tasks", "librilight_sample", "--task_args", "max_frames=128", "--limit", "1",
+           "--model_args", "preset=tiny,arch=moshi_finetune_ttt,causal=false,mini_batch_size=4,layers=all"]
+    out = tmp_path / "out"
+    assert main([*run, "--chunk_size", "8", "--output_path", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    info = results["models"]["ttt"]
+    assert info["lookahead"] is True and info["label"] == "ttt (moshi_finetune_ttt, causal=false)"
+    assert [f["code"] for f in results["results"]["librilight_sample"]["ttt"]["flags"]].count("lookahead") == 1
+    check = results["causality"]["librilight_sample"][0]
+    assert check["lookahead_allowed"] and not check["passed"]  # the run's own check sees the look-ahead too
+    assert "ttt (moshi_finetune_ttt, causal=false): lookahead" in (out / "leaderboard.md").read_text()
+
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    assert main([*run, "--chunk_size", "6", "--output_path", str(refused)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "chunk_size 6 is not a multiple of the TTT mini_batch_size 4" in err
+    assert not refused.exists()

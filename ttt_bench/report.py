@@ -122,6 +122,7 @@ def build_results(run: dict, summaries: dict[str, dict[str, Any]],
             if base is not None and model != base:
                 m["delta_vs_baseline"] = {"baseline": base, **metrics.deltas(summary, models[base])}
             results[task][model] = m
+        add_declared_lookahead_flags(results[task], run.get("models") or {})
         add_lookahead_flags(results[task], (run.get("causality") or {}).get(task) or [])
     out = dict(run)
     out.update({"schema_version": SCHEMA_VERSION, "metrics_config": metrics_config,
@@ -129,6 +130,16 @@ def build_results(run: dict, summaries: dict[str, dict[str, Any]],
                 "groups": group_results(results, baselines, run.get("group_subtasks") or {},
                                         run.get("group_metrics") or {})})
     return out
+
+
+def add_declared_lookahead_flags(models: dict[str, dict], info: dict[str, dict]) -> None:
+    """A model that looks ahead by construction (the ttt adapter with ``causal=false``): flag its
+    row ``lookahead``, whatever the causality check saw."""
+    for name, m in models.items():
+        if (info.get(name) or {}).get("lookahead"):
+            m.setdefault("flags", []).append({"code": "lookahead", "message": (
+                "looks ahead by construction (causal=false): the loss at a frame uses the TTT update of "
+                "its whole mini-batch, later frames included")})
 
 
 def add_lookahead_flags(models: dict[str, dict], checks: list[dict]) -> None:

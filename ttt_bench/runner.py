@@ -140,6 +140,9 @@ def build_scorers(spec: RunSpec, device: torch.device) -> dict[str, Any]:
         kwargs.setdefault("seed", spec.seed)
         logger.info("loading model %s %s", name, kwargs)
         scorers[name] = get_model(name, device=device, dtype=spec.dtype, **kwargs)
+        check_chunk_size = getattr(scorers[name], "check_chunk_size", None)
+        if check_chunk_size is not None:  # e.g. a look-ahead TTT layer needs whole mini-batches
+            check_chunk_size(spec.chunk_size)
     return scorers
 
 
@@ -268,7 +271,7 @@ def verify_all(plans: list[TaskPlan], spec: RunSpec) -> dict[str, dict[str, list
             for name, scorer in plan.scorers.items()] if plan.config.verify_loss_computation else []
         out["causality"][plan.name] = [
             verify_causality(name, scorer, doc.doc_id, doc.codes, spec.chunk_size, plan.layout,
-                             spec.allow_lookahead).to_dict()
+                             spec.allow_lookahead or bool(getattr(scorer, "lookahead", False))).to_dict()
             for name, scorer in plan.scorers.items()] if plan.config.verify_causality else []
     return out
 
@@ -441,7 +444,7 @@ def write_results(out: Path, spec: RunSpec, plans: list[TaskPlan], store: Record
     kept = {t: {m: recs for m, recs in models.items() if recs} for t, models in records.items()}
     kept = {t: models for t, models in kept.items() if models}
     model_info = {name: {"label": s.info.label, "legacy": bool(getattr(s, "is_legacy", False)),
-                         "options": s.info.options}
+                         "lookahead": bool(getattr(s, "lookahead", False)), "options": s.info.options}
                   for plan in plans for name, s in plan.scorers.items()}
     run = {
         "config": {**asdict(spec), "output_path": str(out)},
