@@ -13,7 +13,7 @@ from moshi.utils.compile import no_compile
 from ..registry import register_model
 from .base import ScorerInfo, StreamLayout, StreamingScorer, check_score_args
 from .moshi import ModelSource, load_lm
-from .streaming import chunk_nll, delayed_inputs, stream_codes, undelay, widen_kv_caches
+from .streaming import chunk_nll, delayed_inputs, stream_codes, text_head_skipped, undelay, widen_kv_caches
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class FrozenScorer(StreamingScorer):
     """Moshi with fixed weights. Give ``lm`` (an LMModel you built), ``preset`` or ``pretrained``."""
 
     name = "frozen"
+    skip_text_head = True  # the audio NLL never reads the text logits (benchmarks/bench_scoring.py)
 
     def __init__(self, lm: LMModel | None = None, preset: str | None = None, pretrained: str | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
@@ -66,7 +67,7 @@ class FrozenScorer(StreamingScorer):
         delayed = delayed_inputs(lm, stream_codes(lm, codes, layout))
         B, _, T = codes.shape
         pattern = torch.empty(B, lm.dep_q, T, dtype=torch.float32, device=lm.device)
-        with lm.streaming(B), cpu_no_compile(lm.device):
+        with lm.streaming(B), cpu_no_compile(lm.device), text_head_skipped(lm, self.skip_text_head):
             widen_kv_caches(lm.transformer, min(chunk_size, T) - 1)
             self.begin_document(B)
             for start in range(0, T, chunk_size):
