@@ -14,6 +14,7 @@ runs in a fresh process so its peak memory is its own. Printed per configuration
 The tiny Mimi runs at two lengths to show that memory does not grow with the recording.
 
     python benchmarks/bench_data.py [--minutes 30] [--full_minutes 30] [--chunk_frames 125]
+    python benchmarks/bench_data.py --quick    # tiny Mimi only, 6 s and 12 s recordings (a smoke run)
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def run_config(config: str, minutes: float, chunk_frames: int, threads: int) -> 
                 "peak_mb": (peak_kb - base_kb) / 1024, "peak_since_reset": exact_peak, "second_s": second_s}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0, help="length of the recording (tiny Mimi)")
     parser.add_argument("--short_minutes", type=float, default=5.0,
@@ -134,8 +135,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip_full", action="store_true")
     parser.add_argument("--skip_tiny", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny Mimi only, 0.1 and 0.2 minutes")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.minutes, args.short_minutes, args.skip_full = 0.2, 0.1, True
 
     if args.worker:
         config, minutes = args.worker.split(":")
@@ -152,8 +156,11 @@ def main() -> None:
         results.append(json.loads(out.split("RESULT ", 1)[1]))
         print(f"done: {config} Mimi, {minutes:g} min", flush=True)
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import machine_line
+
     print(f"\nData pipeline, CPU, {args.threads} threads, chunk {args.chunk_frames} frames "
-          f"({args.chunk_frames / 12.5:g} s per streaming call)")
+          f"({args.chunk_frames / 12.5:g} s per streaming call)\n{machine_line()}")
     header = (f"{'Mimi':<6}{'audio':>8}{'frames':>8}{'FLAC MB':>9}{'decode+resample':>17}"
               f"{'1st pass':>10}{'1st pass':>10}{'peak RSS':>10}{'2nd pass':>11}")
     units = f"{'':<6}{'min':>8}{'':>8}{'':>9}{'x real time':>17}{'s':>10}{'x real':>10}{'+MB':>10}{'ms (cache)':>11}"

@@ -1,13 +1,27 @@
-"""Shared set-up for the benchmarks: the ~100M-parameter Moshi-shaped benchmark model."""
+"""Shared set-up for the benchmarks: the benchmark models and round-robin timing.
+
+Timing on a shared machine: every case runs once per round, rounds repeat, and a ratio is the
+median over rounds of the ratio measured within one round. A burst of load from another process
+then slows the cases of that round alike, and the median drops the rounds it hit unevenly.
+"""
 
 from __future__ import annotations
 
 import copy
+import os
+import platform
 import resource
+import statistics
+import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 from moshi.models import loaders
+
+from ttt_bench.models.moshi import TINY_LM_CONFIG
 
 # dim 512, 8 layers, 8 heads, card 2048, text vocab 32000, depformer 256 wide and 4 deep, context 3000
 BENCH_LM_CONFIG = {
@@ -16,12 +30,16 @@ BENCH_LM_CONFIG = {
     "depformer_dim": 256, "depformer_num_layers": 4, "depformer_num_heads": 4,
     "depformer_dim_feedforward": int(4.125 * 256), "context": 3000,
 }
+QUICK_CONTEXT = 24  # the tiny preset's shape, with a context that a short --quick stream passes
 
 
-def bench_lm(context: int = 3000, seed: int = 0, dtype=torch.float32):
+def bench_lm(context: int | None = None, seed: int = 0, dtype=torch.float32, quick: bool = False,
+             device: str | torch.device = "cpu"):
+    """The ~100M-parameter benchmark model, or with ``quick`` the tiny preset's shape."""
     torch.manual_seed(seed)
-    config = {**BENCH_LM_CONFIG, "context": context}
-    return loaders.get_moshi_lm(None, lm_kwargs=config, device="cpu", dtype=dtype).eval()
+    base = TINY_LM_CONFIG if quick else BENCH_LM_CONFIG
+    config = {**copy.deepcopy(base), "context": context or (QUICK_CONTEXT if quick else base["context"])}
+    return loaders.get_moshi_lm(None, lm_kwargs=config, device=device, dtype=dtype).eval()
 
 
 def n_params(module) -> int:
@@ -36,3 +54,60 @@ def timed(fn, *args, **kwargs):
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Case:
+    """One timed thing: ``run()`` processes ``work`` units (frames, seconds of audio)."""
+
+    run: Callable[[], object]
+    work: float = 1.0
+
+
+def round_robin(cases: dict[str, Case], repeats: int,
+                clock: Callable[[Callable[[], object]], float] | None = None) -> dict[str, list[float]]:
+    """Speed (work per second) of every case in every round; a round runs each case once."""
+    clock = clock or (lambda run: timed(run)[1])
+    speeds: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            speeds[name].append(case.work / clock(case.run))
+    return speeds
+
+
+def median_speed(speeds: dict[str, list[float]], name: str) -> float:
+    return statistics.median(speeds[name])
+
+
+def paired_ratio(speeds: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
+    """Median, min and max over rounds of speed[num] / speed[den] taken in the same round."""
+    ratios = [a / b for a, b in zip(speeds[num], speeds[den])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def format_ratio(ratio: tuple[float, float, float], digits: int = 2) -> str:
+    median, low, high = ratio
+    return f"{median:.{digits}f}x (rounds: {low:.{digits}f}-{high:.{digits}f})"
+
+
+def machine_line() -> str:
+    """What a result line needs to be compared: commit, torch, CPU, threads, load."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    load = "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"commit {commit}, torch {torch.__version__}, {cpu_name()} ({os.cpu_count()} cores), "
+            f"{torch.get_num_threads()} threads, {load}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
