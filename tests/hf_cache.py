@@ -39,3 +39,61 @@ def write_tiny_hf_checkpoint(cache_dir: Path, repo_id: str, seed: int = 0) -> Pa
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / "main").write_text(COMMIT)
     return snapshot
+
+
+LORA_RANK = 4
+LORA_SCALING = 2.0
+
+
+def tiny_base_config() -> dict:
+    """The config.json of the tiny base written by ``write_tiny_checkpoint_files``."""
+    return {**TINY_LM_CONFIG, "moshi_name": "model.safetensors", "mimi_name": MIMI_FILE,
+            "mimi_config_name": "mimi_config.json"}
+
+
+def lora_trained_lm(base_dir: Path, seed: int = 1):
+    """The tiny base of ``base_dir`` with moshi's LoRA modules in every linear layer, as
+    moshi-finetune trains it, with random non-zero adapters (float32)."""
+    import torch
+    from moshi.models import loaders
+    from moshi.modules.lora import LoRALinear
+
+    config = {**tiny_base_config(), "lora": True, "lora_rank": LORA_RANK, "lora_scaling": LORA_SCALING}
+    for key in ("moshi_name", "mimi_name", "mimi_config_name"):
+        config.pop(key)
+    lm = loaders.get_moshi_lm(Path(base_dir) / "model.safetensors", lm_kwargs=config, device="cpu",
+                              dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in lm.modules():
+            if isinstance(module, LoRALinear):
+                for adapter in (module.lora_A, module.lora_B):
+                    adapter.weight.copy_(torch.randn(adapter.weight.shape, generator=generator) * 0.05)
+    return lm
+
+
+def write_finetune_checkpoint(run_dir: Path, base_dir: Path, kind: str = "lora", step: int = 10,
+                              seed: int = 1, lora_in_config: bool | None = None) -> Path:
+    """A kyutai moshi-finetune checkpoint of the tiny base: ``run_dir/checkpoints/checkpoint_NNNNNN/
+    consolidated/`` with config.json (the base's config plus the LoRA fields) and
+    ``lora.safetensors`` (the adapters: every module whose parameters all train) or
+    ``consolidated.safetensors`` (every weight, adapters merged). An ``optimizer_state.pt`` that is
+    not a valid pickle sits beside them, as moshi-finetune leaves one: it must never be opened.
+    Returns the checkpoint_NNNNNN folder."""
+    from moshi.modules.lora import replace_lora_with_linear
+
+    lm = lora_trained_lm(base_dir, seed)
+    folder = Path(run_dir) / "checkpoints" / f"checkpoint_{step:06d}"
+    consolidated = folder / "consolidated"
+    consolidated.mkdir(parents=True)
+    if kind == "lora":
+        adapters = {k: v for k, v in _tensors(lm).items() if ".lora_A." in k or ".lora_B." in k}
+        save_file(adapters, str(consolidated / "lora.safetensors"))
+    else:
+        replace_lora_with_linear(lm)
+        save_file(_tensors(lm), str(consolidated / "consolidated.safetensors"))
+    lora = kind == "lora" if lora_in_config is None else lora_in_config
+    config = {**tiny_base_config(), "lora": lora, "lora_rank": LORA_RANK, "lora_scaling": LORA_SCALING}
+    (consolidated / "config.json").write_text(json.dumps(config, indent=4))
+    (consolidated / "optimizer_state.pt").write_bytes(b"\x80\x04 not a pickle anyone should open")
+    return folder

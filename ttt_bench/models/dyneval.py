@@ -70,10 +70,10 @@ class DynEvalScorer(FrozenScorer):
     name = "dyneval"
     adapts_weights = True
 
-    def __init__(self, lm: LMModel | None = None, preset: str | None = None, pretrained: str | None = None,
-                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 seed: int = 0, lr: float = 1e-4, optimizer: str = "sgd", params: str = "all"):
-        super().__init__(lm=lm, preset=preset, pretrained=pretrained, device=device, dtype=dtype, seed=seed)
+    def __init__(self, lm: LMModel | None = None, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, seed: int = 0, lr: float = 1e-4, optimizer: str = "sgd",
+                 params: str = "all", **load_args: Any):
+        super().__init__(lm=lm, device=device, dtype=dtype, seed=seed, **load_args)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"dyneval optimizer={optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         self.lr, self.optimizer_name, self.params = float(lr), optimizer, params

@@ -26,35 +26,46 @@ def cpu_no_compile(device: torch.device) -> contextlib.AbstractContextManager:
 
 @register_model("frozen")
 class FrozenScorer(StreamingScorer):
-    """Moshi with fixed weights. Give ``lm`` (an LMModel you built), ``preset`` or ``pretrained``."""
+    """Moshi with fixed weights. Give ``lm`` (an LMModel you built), ``preset``, or moshi's loading
+    arguments (``hf_repo`` or its older name ``pretrained``, ``moshi_weight``, ``mimi_weight``,
+    ``lora_weight``, ``config_path``, ``fuse_lora``) or a moshi-finetune ``checkpoint`` folder."""
 
     name = "frozen"
     skip_text_head = True  # the audio NLL never reads the text logits (benchmarks/bench_scoring.py)
 
     def __init__(self, lm: LMModel | None = None, preset: str | None = None, pretrained: str | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 seed: int = 0):
+                 seed: int = 0, **load_args: Any):
         if lm is not None:
-            if preset is not None or pretrained is not None:
-                raise ValueError("give lm= or preset=/pretrained=, not both")
+            given = [k for k, v in {"preset": preset, "pretrained": pretrained, **load_args}.items() if v is not None]
+            if given:
+                raise ValueError(f"give lm= or a checkpoint ({', '.join(given)}), not both")
             self.source: ModelSource | None = None
             self.lm = lm.to(device) if device is not None else lm
             if dtype is not None:
                 from .moshi import resolve_dtype
                 self.lm = self.lm.to(dtype=resolve_dtype(dtype))
         else:
-            self.source = ModelSource.make(preset=preset, pretrained=pretrained, seed=seed)
+            self.source = ModelSource.make(preset=preset, pretrained=pretrained, seed=seed, **load_args)
             self.lm = load_lm(self.source, device=device or "cpu", dtype=dtype)
         self.lm.eval()
 
     @property
     def info(self) -> ScorerInfo:
-        return ScorerInfo(name=self.name, label=self.name, options=self.options())
+        return ScorerInfo(name=self.name, label=self.label(), options=self.options())
+
+    def label(self) -> str:
+        """The leaderboard row: the adapter, and the checkpoint's short name unless it is the default."""
+        short = self.source.short_name if self.source else None
+        return f"{self.name} ({short})" if short else self.name
 
     def options(self) -> dict[str, Any]:
-        return {"source": self.source.label if self.source else "lm=<user model>",
-                "dtype": str(self.lm.dtype).removeprefix("torch."),
-                "context": self.lm.context}
+        options = {"source": self.source.label if self.source else "lm=<user model>",
+                   "dtype": str(self.lm.dtype).removeprefix("torch."),
+                   "context": self.lm.context}
+        if self.source is not None:
+            options["checkpoint"] = self.source.describe()
+        return options
 
     # -- scoring ---------------------------------------------------------------------------
     def score(self, codes: torch.Tensor, chunk_size: int = 64,

@@ -1,8 +1,8 @@
 """Loading Moshi and Mimi through moshi's own loaders, plus the built-in presets.
 
-``pretrained`` is a Hugging Face repo id (resolved through the HF cache, so an offline cache
-works with ``HF_HUB_OFFLINE=1``) or a local directory laid out like such a repo
-(``config.json``, the LM weights, the Mimi weights). ``preset="tiny"`` builds a Moshi-shaped
+Checkpoints are named with moshi's own loading arguments and found by ``checkpoints.py``
+(Hub repo ids through the HF cache, so an offline cache works with ``HF_HUB_OFFLINE=1``; local
+folders; moshi-finetune LoRA and full checkpoints). ``preset="tiny"`` builds a Moshi-shaped
 model with random weights and a tiny Mimi: a smoke-test model, not a measurement.
 """
 
@@ -12,15 +12,15 @@ import copy
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
+
+from .checkpoints import CheckpointError, LoadArgs, ResolvedCheckpoint, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -78,69 +78,71 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a Moshi model comes from: exactly one of ``preset`` or ``pretrained``."""
+    """Where a Moshi model comes from: a built-in ``preset``, or a checkpoint found on disk or on
+    the Hub (``checkpoint``, from moshi's loading arguments, see ``checkpoints.LoadArgs``)."""
 
     preset: str | None = None
-    pretrained: str | None = None
     seed: int = 0  # random init of presets
+    checkpoint: ResolvedCheckpoint | None = None
 
     @classmethod
-    def make(cls, preset: str | None = None, pretrained: str | None = None, seed: int = 0) -> "ModelSource":
-        if preset is not None and pretrained is not None:
-            raise ValueError("give either preset= or pretrained=, not both")
-        if preset is None and pretrained is None:
-            pretrained = DEFAULT_PRETRAINED
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-        return cls(preset=preset, pretrained=pretrained, seed=seed)
+    def make(cls, preset: str | None = None, pretrained: str | None = None, seed: int = 0,
+             **load_args: Any) -> "ModelSource":
+        """``preset=``, or moshi's loading arguments (``hf_repo``, ``moshi_weight``, ``mimi_weight``,
+        ``lora_weight``, ``config_path``, ``fuse_lora``, ``checkpoint``); ``pretrained`` is
+        ``hf_repo``'s older name. Nothing given: moshiko from the Hub."""
+        unknown = sorted(set(load_args) - set(LoadArgs.names()))
+        if unknown:
+            raise ValueError(f"unknown model argument(s) {unknown}; loading arguments are preset, "
+                             f"{', '.join(LoadArgs.names())} (pretrained: an alias of hf_repo)")
+        if pretrained is not None:
+            if load_args.get("hf_repo") not in (None, pretrained):
+                raise ValueError(f"pretrained={pretrained!r} and hf_repo={load_args['hf_repo']!r} name two "
+                                 "models; pretrained is hf_repo's older name: give one")
+            load_args["hf_repo"] = pretrained
+        args = LoadArgs(**{k: (str(v) if v is not None and k != "fuse_lora" else v) for k, v in load_args.items()})
+        if preset is not None:
+            if args.given():
+                raise ValueError(f"give either preset= or a checkpoint ({', '.join(args.given())}), not both")
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+            return cls(preset=preset, seed=seed)
+        return cls(seed=seed, checkpoint=resolve_checkpoint(args))
+
+    @property
+    def pretrained(self) -> str | None:
+        """The base repo id or folder (``hf_repo``)."""
+        return self.checkpoint.hf_repo if self.checkpoint else None
 
     @property
     def label(self) -> str:
-        return f"preset={self.preset}" if self.preset else f"pretrained={self.pretrained}"
+        if self.preset:
+            return f"preset={self.preset}"
+        return ",".join(f"{k}={v}" for k, v in ({"hf_repo": self.pretrained} | self.checkpoint.args.given()).items())
 
+    @property
+    def short_name(self) -> str | None:
+        """The checkpoint's name for a leaderboard row; None for presets and the default model."""
+        if self.checkpoint is None or self.checkpoint.is_default:
+            return None
+        return self.checkpoint.short_name
 
-def _require_safetensors(path: Path, what: str) -> None:
-    if not loaders._is_safetensors(path):
-        raise ValueError(f"{what} {path} is not a .safetensors file; ttt-bench never unpickles weights")
+    def codec_identity(self) -> str:
+        """Equal for two sources exactly when they share one Mimi codec."""
+        if self.preset:
+            return json.dumps({"preset": self.preset, "seed": self.seed})
+        return self.checkpoint.codec_identity()
 
-
-def checkpoint_info(pretrained: str) -> loaders.CheckpointInfo:
-    """Resolve ``pretrained`` (HF repo id or local directory) with moshi's CheckpointInfo.
-
-    ttt-bench never reads text, so the text tokenizer is not fetched.
-    """
-    local = Path(pretrained).expanduser()
-    no_tokenizer = Path(os.devnull)
-    if local.is_dir():
-        config_path = local / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"local Moshi checkpoint {local}: config.json not found (looked for {config_path})")
-        config = json.loads(config_path.read_text())
-        files = {"moshi_weights": config.get("moshi_name", loaders.MOSHI_NAME),
-                 "mimi_weights": config.get("mimi_name", loaders.MIMI_NAME)}
-        for key, name in files.items():
-            if not (local / name).is_file():
-                raise FileNotFoundError(f"local Moshi checkpoint {local}: {key} file {name} not found (looked for {local / name})")
-        mimi_config = config.get("mimi_config_name")
-        if mimi_config is not None and not (local / mimi_config).is_file():
-            raise FileNotFoundError(f"local Moshi checkpoint {local}: mimi_config_name file {mimi_config} not found")
-        return loaders.CheckpointInfo.from_hf_repo(
-            str(local), moshi_weights=local / files["moshi_weights"], mimi_weights=local / files["mimi_weights"],
-            tokenizer=no_tokenizer, config_path=config_path,
-            mimi_config_path=local / mimi_config if mimi_config else None)
-    try:
-        return loaders.CheckpointInfo.from_hf_repo(pretrained, tokenizer=no_tokenizer)
-    except Exception as exc:  # huggingface_hub raises several types for missing files / offline
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = (" HF_HUB_OFFLINE is set: the files must already be in the HF cache "
-                f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'})."
-                if offline else "")
-        raise FileNotFoundError(f"could not load Moshi checkpoint {pretrained!r}: {exc}.{hint}") from exc
+    def describe(self) -> dict[str, Any]:
+        """What results.json records: the preset, or the load arguments and files with their sha256."""
+        if self.preset:
+            return {"preset": self.preset, "seed": self.seed}
+        return self.checkpoint.describe()
 
 
 def load_lm(source: ModelSource, device: str | torch.device = "cpu",
             dtype: str | torch.dtype | None = None) -> LMModel:
-    """Build the Moshi LM of ``source`` in eval mode."""
+    """Build the Moshi LM of ``source`` in eval mode (moshi's loaders, LoRA included)."""
     dtype = resolve_dtype(dtype)
     if source.preset:
         with torch.random.fork_rng(devices=[]):
@@ -148,9 +150,15 @@ def load_lm(source: ModelSource, device: str | torch.device = "cpu",
             lm = loaders.get_moshi_lm(None, lm_kwargs=copy.deepcopy(PRESETS[source.preset]["lm"]),
                                       device=device, dtype=dtype)
         return lm.eval()
-    info = checkpoint_info(source.pretrained)
-    _require_safetensors(info.moshi_weights, "Moshi weights")
-    return info.get_moshi(device=device, dtype=dtype).eval()
+    checkpoint = source.checkpoint
+    if checkpoint.ttt_fork:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.directory or checkpoint.lora_weights or checkpoint.moshi_weights} holds the "
+            f"TTT layers of the moshi-finetune TTT fork ({checkpoint.ttt_fork}); ttt-bench cannot load that "
+            "fork's TTT layers yet and will not load its checkpoint without them. Evaluate a checkpoint "
+            "of kyutai's moshi-finetune (LoRA or full) or a ttt-bench ttt_checkpoint")
+    lm = checkpoint.checkpoint_info().get_moshi(device=device, dtype=dtype, **checkpoint.moshi_kwargs())
+    return lm.eval()
 
 
 def load_mimi(source: ModelSource, device: str | torch.device = "cpu") -> MimiModel:
@@ -162,9 +170,16 @@ def load_mimi(source: ModelSource, device: str | torch.device = "cpu") -> MimiMo
                                     num_codebooks=NUM_AUDIO_CODEBOOKS)
             _randomize_codebooks(mimi)
         return mimi.eval()
-    info = checkpoint_info(source.pretrained)
-    _require_safetensors(info.mimi_weights, "Mimi weights")
-    return info.get_mimi(device=device).eval()
+    checkpoint = source.checkpoint
+    try:
+        mimi = checkpoint.checkpoint_info().get_mimi(device=device)
+    except RuntimeError as exc:  # load_state_dict: weights that do not fit the Mimi config
+        if "state_dict" not in str(exc):
+            raise
+        summary = " ".join(str(exc).split())[:400]
+        raise CheckpointError(f"Mimi weights {checkpoint.mimi_weights} do not fit the Mimi config "
+                              f"{checkpoint.mimi_config_path or '(moshi default)'}: {summary}") from None
+    return mimi.eval()
 
 
 def _randomize_codebooks(mimi: MimiModel) -> None:

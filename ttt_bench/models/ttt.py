@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 from moshi.models.lm import LMModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..registry import register_model
 from .base import ScorerInfo, StreamLayout
+from .checkpoints import CheckpointError, LoadArgs, key_mismatch, load_safetensors, read_json, safetensors_shapes
 from .frozen import FrozenScorer
 from .ttt_fork import ForkTTTBlock, ForkTTTConfig, insert_fork_ttt_block
 from .ttt_layers import INNER_KINDS, TTTBranch, insert_ttt_branch, reset_streaming_children_cache
@@ -43,6 +44,7 @@ ARCHS = ("ttt_bench", "moshi_finetune_ttt")
 FORK_ARCH = "moshi_finetune_ttt"
 FORK_ONLY = {"causal": True, "mlp_layers": 2, "mlp_hidden_dims": None, "mlp_expansion_factor": 4.0,
              "use_rope": False, "rope_theta": 10000.0}  # options of the fork's layer, and their defaults
+LOAD_ARG_NAMES = ("preset", "pretrained", *LoadArgs.names())
 
 
 @dataclass
@@ -191,7 +193,8 @@ def save_ttt_checkpoint(lm: LMModel, options: TTTOptions, directory: str | Path,
                         base: dict[str, Any]) -> Path:
     """Write ``ttt_config.json`` and ``ttt.safetensors`` for the TTT layers of ``lm``.
 
-    base: the base model the TTT layers were trained on, e.g. {"pretrained": "kyutai/..."} or
+    base: the base model the TTT layers were trained on, in loading arguments, e.g.
+    {"hf_repo": "kyutai/..."}, {"checkpoint": "run/checkpoints/checkpoint_000500"} or
     {"preset": "tiny", "seed": 0}.
     """
     directory = Path(directory)
@@ -211,9 +214,10 @@ def read_ttt_config(directory: str | Path) -> tuple[TTTOptions, dict[str, Any]]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"TTT checkpoint {directory}: {CONFIG_NAME} not found (looked for {path})")
-    config = json.loads(path.read_text())
+    config = read_json(path, "TTT config")
     if config.pop("format", None) != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} config")
+        raise CheckpointError(f"{path}: not a {CHECKPOINT_FORMAT} config; a TTT checkpoint of ttt-bench is "
+                              f"written by save_ttt_checkpoint")
     base = config.pop("base", {})
     for key in ("base_dim", "base_num_layers"):
         config.pop(key, None)
@@ -226,15 +230,12 @@ def load_ttt_weights(lm: LMModel, directory: str | Path) -> None:
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"TTT checkpoint {directory}: {WEIGHTS_NAME} not found (looked for {path})")
-    loaded = load_file(str(path))
     expected = ttt_state_dict(lm)
-    missing = sorted(set(expected) - set(loaded))
-    unexpected = sorted(set(loaded) - set(expected))
-    shapes = sorted(f"{k}: checkpoint {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
-                    for k in set(loaded) & set(expected) if loaded[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError(f"TTT checkpoint {path} does not fit the model: missing keys {missing}, "
-                         f"unexpected keys {unexpected}, shape mismatches {shapes}")
+    problem = key_mismatch(safetensors_shapes(path, "TTT weights"), {k: tuple(v.shape) for k, v in expected.items()})
+    if problem:
+        raise CheckpointError(f"TTT checkpoint {path} does not fit the model: {problem}. Check the base model "
+                              f"and the TTT options in {CONFIG_NAME}")
+    loaded = load_safetensors(path, "TTT weights")
     with torch.no_grad():
         for name, tensor in expected.items():
             tensor.copy_(loaded[name])
@@ -242,26 +243,30 @@ def load_ttt_weights(lm: LMModel, directory: str | Path) -> None:
 
 @register_model("ttt")
 class TTTScorer(FrozenScorer):
-    """Moshi with TTT layers. Loading arguments as ``frozen``; the TTT options of
+    """Moshi with TTT layers. Loading arguments as ``frozen`` (a moshi-finetune ``checkpoint``
+    included: its fine-tuned model is the base the TTT layers go into); the TTT options of
     ``TTTOptions``; or ``ttt_checkpoint`` (options, base model and weights from a directory)."""
 
     name = "ttt"
 
-    def __init__(self, lm: LMModel | None = None, preset: str | None = None, pretrained: str | None = None,
-                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 seed: int = 0, ttt_checkpoint: str | Path | None = None, **ttt_options: Any):
+    def __init__(self, lm: LMModel | None = None, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, seed: int = 0, ttt_checkpoint: str | Path | None = None,
+                 **kwargs: Any):
         self.ttt_checkpoint = str(ttt_checkpoint) if ttt_checkpoint is not None else None
+        load_args = {k: v for k, v in kwargs.items() if k in LOAD_ARG_NAMES and v is not None}
+        ttt_options = {k: v for k, v in kwargs.items() if k not in LOAD_ARG_NAMES}
         requested = TTTOptions.from_dict(ttt_options, "ttt model_args")
         if ttt_checkpoint is not None:
             options, base = read_ttt_config(ttt_checkpoint)
-            if lm is None and preset is None and pretrained is None:
-                preset, pretrained, seed = base.get("preset"), base.get("pretrained"), int(base.get("seed", seed))
-            elif lm is not None or (preset, pretrained) != (base.get("preset"), base.get("pretrained")):
+            trained_on = {k: v for k, v in base.items() if k in LOAD_ARG_NAMES and v is not None}
+            if lm is None and not load_args:
+                load_args, seed = trained_on, int(base.get("seed", seed))
+            elif lm is not None or load_args != trained_on:
                 logger.warning("TTT checkpoint %s was trained on %s; scoring it on %s", ttt_checkpoint, base,
-                               "lm=<user model>" if lm is not None else f"preset={preset} pretrained={pretrained}")
+                               "lm=<user model>" if lm is not None else load_args)
         else:
             options = requested
-        super().__init__(lm=lm, preset=preset, pretrained=pretrained, device=device, dtype=dtype, seed=seed)
+        super().__init__(lm=lm, device=device, dtype=dtype, seed=seed, **load_args)
         if ttt_checkpoint is not None:
             _check_no_conflict(self.lm, options, ttt_options, ttt_checkpoint)
         self.ttt_options = insert_ttt_layers(self.lm, options, seed=seed)

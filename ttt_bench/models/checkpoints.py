@@ -1,0 +1,510 @@
+"""Which files a Moshi model is built from, found and checked before anything is built.
+
+The arguments are ``python -m moshi.server``'s: ``hf_repo`` (a Hub repo id or a local folder laid
+out like one, with or without ``config.json``), ``moshi_weight``, ``mimi_weight``,
+``lora_weight``, ``config_path`` (each a local path or ``hf://org/repo/file``) and
+``fuse_lora``; plus ``checkpoint``, a kyutai moshi-finetune checkpoint folder
+(``checkpoint_NNNNNN/`` or its ``consolidated/``) holding ``config.json`` and either
+``lora.safetensors`` (adapters applied on the base ``hf_repo``) or ``consolidated.safetensors``
+(every LM weight, in place of the base's). Mimi always comes from the base.
+
+:func:`resolve_checkpoint` turns them into a :class:`ResolvedCheckpoint`: the resolved files,
+the kind (base, lora, full), the configs, and whether the weights are the moshi-finetune TTT
+fork's. Every problem found here (a missing or truncated file, a pickle, a config that is not
+JSON or does not build, weights whose keys or shapes do not fit) is a :class:`CheckpointError`
+naming the file and what to do; moshi's own loaders then build the model
+(:meth:`ResolvedCheckpoint.checkpoint_info`), LoRA included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from moshi.models import loaders
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+LORA_NAME = "lora.safetensors"
+FULL_NAME = "consolidated.safetensors"
+TRAINING_CONFIG_NAME = "training_config.json"
+TTT_FORK_KEY_PARTS = (".seq_modeling_block.", ".original_layer.")  # the TTT fork's wrapped layers
+NO_TOKENIZER = Path(os.devnull)  # ttt-bench never reads text
+SHOWN_KEYS = 5  # how many keys an error lists
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as given; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class LoadArgs:
+    """How a user names a Moshi model (moshi.server's names, plus moshi-finetune's ``checkpoint``)."""
+
+    hf_repo: str | None = None
+    moshi_weight: str | None = None
+    mimi_weight: str | None = None
+    lora_weight: str | None = None
+    config_path: str | None = None
+    fuse_lora: bool = True
+    checkpoint: str | None = None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def given(self) -> dict[str, Any]:
+        """The arguments that differ from their defaults."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+
+@dataclass
+class ResolvedCheckpoint:
+    """A Moshi model's files, found and checked; what moshi's loaders build it from.
+
+    kind: "base" (the repo's own weights), "lora" (adapters on the base) or "full" (all LM
+    weights replaced). lm_config None means moshi's Moshi 7B defaults (a repo without config.json).
+    ttt_fork: why these weights are the moshi-finetune TTT fork's (None when they are not).
+    """
+
+    kind: str
+    hf_repo: str
+    moshi_weights: Path
+    mimi_weights: Path
+    lora_weights: Path | None = None
+    config_path: Path | None = None
+    mimi_config_path: Path | None = None
+    lm_config: dict[str, Any] | None = None
+    raw_config: dict[str, Any] | None = None
+    mimi_config: dict[str, Any] | None = None
+    model_type: str = "moshi"
+    fuse_lora: bool = True
+    directory: Path | None = None  # the moshi-finetune checkpoint folder (consolidated/)
+    training_config: dict[str, Any] | None = None
+    training_config_path: Path | None = None
+    ttt_fork: str | None = None
+    args: LoadArgs = field(default_factory=LoadArgs)
+
+    def files(self) -> dict[str, Path]:
+        """Every file the model is built from, by role."""
+        roles = {"moshi_weights": self.moshi_weights, "mimi_weights": self.mimi_weights,
+                 "lora_weights": self.lora_weights, "config": self.config_path,
+                 "mimi_config": self.mimi_config_path, "training_config": self.training_config_path}
+        return {role: path for role, path in roles.items() if path is not None}
+
+    def files_with_sha256(self) -> dict[str, dict[str, str]]:
+        """{role: {"path", "sha256"}} (hashes cached per path, size and mtime)."""
+        return {role: {"path": str(path), "sha256": file_sha256(path)} for role, path in self.files().items()}
+
+    @property
+    def short_name(self) -> str:
+        """What a leaderboard row shows: the checkpoint folder, the repo or the weights file."""
+        if self.directory is not None:
+            folder = self.directory.parent if self.directory.name == "consolidated" else self.directory
+            name = f"{folder.parent.parent.name}/{folder.name}" if folder.parent.name == "checkpoints" else folder.name
+            return f"{name} {self.kind}"
+        if self.args.moshi_weight:
+            return Path(str(self.args.moshi_weight)).name
+        name = self.hf_repo if "/" in self.hf_repo and not Path(self.hf_repo).is_dir() else Path(self.hf_repo).name
+        return f"{name} +lora" if self.lora_weights else name
+
+    @property
+    def is_default(self) -> bool:
+        """The default model (moshiko from the Hub, nothing else given)."""
+        return self.args.given() in ({}, {"hf_repo": loaders.DEFAULT_REPO})
+
+    def codec_identity(self) -> str:
+        """Equal for two checkpoints exactly when their Mimi codecs are the same."""
+        return json.dumps({"mimi": file_sha256(self.mimi_weights), "config": self.mimi_config,
+                           "num_codebooks": self._num_codebooks()}, sort_keys=True)
+
+    def _num_codebooks(self) -> int:
+        if self.lm_config is None:
+            return 8
+        return max(self.lm_config["dep_q"], self.lm_config["n_q"] - self.lm_config["dep_q"])
+
+    def checkpoint_info(self) -> loaders.CheckpointInfo:
+        """moshi's description of this model (what ``get_moshi`` / ``get_mimi`` build)."""
+        return loaders.CheckpointInfo(
+            moshi_weights=self.moshi_weights, mimi_weights=self.mimi_weights, tokenizer=NO_TOKENIZER,
+            lm_config=self.lm_config, raw_config=self.raw_config, mimi_config=self.mimi_config,
+            model_type=self.model_type, lora_weights=self.lora_weights)
+
+    def moshi_kwargs(self) -> dict[str, Any]:
+        """Extra arguments of ``CheckpointInfo.get_moshi`` for this kind."""
+        if self.kind == "full":  # the merged weights of a LoRA run: never add fresh adapters on top
+            return {"lm_kwargs_overrides": {"lora": False}}
+        return {"fuse_lora": self.fuse_lora} if self.lora_weights is not None else {}
+
+    def describe(self) -> dict[str, Any]:
+        """What results.json records about where the model came from."""
+        out: dict[str, Any] = {"kind": self.kind, "hf_repo": self.hf_repo, **self.args.given()}
+        if self.lora_weights is not None:
+            out["fuse_lora"] = self.fuse_lora
+        if self.ttt_fork:
+            out["ttt_fork"] = self.ttt_fork
+        out["files"] = self.files_with_sha256()
+        return out
+
+
+# ----------------------------------------------------------------------------- resolving
+
+
+def resolve_checkpoint(args: LoadArgs) -> ResolvedCheckpoint:
+    """Find and check every file of the model ``args`` names (see the module docstring)."""
+    hf_repo = args.hf_repo or loaders.DEFAULT_REPO
+    base = _Base(hf_repo)
+    directory = _consolidated_dir(args.checkpoint) if args.checkpoint else None
+    config_path = (_user_file(args.config_path, "config_path") if args.config_path
+                   else directory / CONFIG_NAME if directory is not None
+                   else base.config())
+    if directory is not None and not config_path.is_file():
+        raise FileNotFoundError(f"moshi-finetune checkpoint {directory}: {CONFIG_NAME} not found; "
+                                "give the checkpoint_NNNNNN folder or its consolidated/ folder")
+    raw_config = read_json(config_path, "config") if config_path is not None else None
+    lm_config = dict(raw_config) if raw_config is not None else None
+    names = _pop_file_names(lm_config)
+
+    kind, lora_weights, full_weights = "base", None, None
+    if directory is not None:
+        kind, found = _finetune_weights(directory)
+        lora_weights, full_weights = (found, None) if kind == "lora" else (None, found)
+    if args.lora_weight:
+        lora_weights, kind = _user_file(args.lora_weight, "lora_weight"), "lora"
+    elif names["lora_name"] and kind == "base":
+        lora_weights, kind = base.file(names["lora_name"], "lora_name"), "lora"
+
+    moshi_weights = (_user_file(args.moshi_weight, "moshi_weight") if args.moshi_weight
+                     else full_weights or base.file(names["moshi_name"], "moshi_name"))
+    mimi_weights = (_user_file(args.mimi_weight, "mimi_weight") if args.mimi_weight
+                    else base.file(names["mimi_name"], "mimi_name"))
+    mimi_config_path = base.file(names["mimi_config_name"], "mimi_config_name") if names["mimi_config_name"] else None
+    training_config_path = directory / TRAINING_CONFIG_NAME if directory is not None else None
+    if training_config_path is not None and not training_config_path.is_file():
+        training_config_path = None
+
+    resolved = ResolvedCheckpoint(
+        kind=kind, hf_repo=hf_repo, moshi_weights=moshi_weights, mimi_weights=mimi_weights,
+        lora_weights=lora_weights, config_path=config_path, mimi_config_path=mimi_config_path,
+        lm_config=lm_config, raw_config=raw_config,
+        mimi_config=read_json(mimi_config_path, "mimi config") if mimi_config_path else None,
+        model_type=names["model_type"], fuse_lora=bool(args.fuse_lora), directory=directory,
+        training_config=read_json(training_config_path, "training config") if training_config_path else None,
+        training_config_path=training_config_path, args=args)
+    for role, path in resolved.files().items():
+        if role.endswith("weights"):
+            require_safetensors(path, role)
+    resolved.ttt_fork = _ttt_fork_evidence(resolved)
+    if resolved.ttt_fork is None:
+        check_fits(resolved)
+    return resolved
+
+
+class _Base:
+    """The base repo: a Hub id (through the HF cache, as moshi resolves it) or a local folder."""
+
+    def __init__(self, hf_repo: str):
+        self.hf_repo = hf_repo
+        local = Path(hf_repo).expanduser()
+        self.local = local if local.is_dir() else None
+        if self.local is None and (local.exists() or hf_repo.startswith((".", "/", "~")) or hf_repo.count("/") != 1):
+            raise FileNotFoundError(f"hf_repo={hf_repo!r} is neither a folder nor a Hub repo id (org/name); "
+                                    "give the folder a Moshi repo was downloaded to, or a repo id")
+
+    def config(self) -> Path | None:
+        """The repo's config.json, or None (then moshi assumes Moshi 7B, with a warning)."""
+        if self.local is not None:
+            path = self.local / CONFIG_NAME
+            if path.is_file():
+                return path
+            warn_once(f"{self.local} holds no {CONFIG_NAME}: assuming Moshi 7B with moshi's default file "
+                      f"names ({loaders.MOSHI_NAME}, {loaders.MIMI_NAME}), as moshi's loader does")
+            return None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            return Path(hf_hub_download(self.hf_repo, CONFIG_NAME))
+        except LocalEntryNotFoundError as exc:
+            if self._cached():  # the repo is in the cache, without a config.json
+                return self._no_config()
+            raise _hub_error(self.hf_repo, CONFIG_NAME, exc) from None
+        except EntryNotFoundError:
+            return self._no_config()
+        except Exception as exc:  # huggingface_hub raises several types for missing repos / offline
+            raise _hub_error(self.hf_repo, CONFIG_NAME, exc) from None
+
+    def _cached(self) -> bool:
+        from huggingface_hub import constants
+
+        return (Path(constants.HF_HUB_CACHE) / f"models--{self.hf_repo.replace('/', '--')}" / "snapshots").is_dir()
+
+    def _no_config(self) -> None:
+        with warnings.catch_warnings(record=True) as caught:  # moshi's own warning, passed on once
+            warnings.simplefilter("always")
+            warnings.warn(f"Repository {self.hf_repo} contains no config.json. Assuming this is a Moshi 7B.")
+        warn_once(str(caught[0].message))
+        return None
+
+    def file(self, name: str, role: str) -> Path:
+        if name.startswith(("hf://", "file://")) or Path(name).is_absolute():
+            return _user_file(name, role)
+        if self.local is not None:
+            path = self.local / name
+            if not path.is_file():
+                raise FileNotFoundError(f"Moshi checkpoint {self.local}: {role} file {name} not found "
+                                        f"(looked for {path})")
+            return path
+        try:
+            return loaders.hf_get(name, self.hf_repo)
+        except Exception as exc:
+            raise _hub_error(self.hf_repo, name, exc) from None
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def _hub_error(hf_repo: str, name: str, exc: Exception) -> FileNotFoundError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = (" HF_HUB_OFFLINE is set: the files must already be in the HF cache "
+            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'})."
+            if offline else "")
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return FileNotFoundError(f"could not load {name} of Moshi checkpoint {hf_repo!r}: {first_line}.{hint}")
+
+
+def _user_file(value: str | Path, role: str) -> Path:
+    """A file argument: a local path or ``hf://org/repo/file`` (through the HF cache, as moshi)."""
+    text = str(value)
+    if text.startswith("hf://"):
+        try:
+            return loaders.hf_get(text)
+        except Exception as exc:
+            parts = text.removeprefix("hf://").split("/")
+            raise _hub_error("/".join(parts[:2]), "/".join(parts[2:]), exc) from None
+    path = loaders.hf_get(text).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{role}={text}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    return path
+
+
+def _consolidated_dir(value: str | Path) -> Path:
+    """``checkpoint_NNNNNN/`` or ``checkpoint_NNNNNN/consolidated/`` -> the folder with the files."""
+    directory = Path(value).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint={value}: no such folder; give a moshi-finetune "
+                                "checkpoint_NNNNNN folder or its consolidated/ folder")
+    inner = directory / "consolidated"
+    return inner if not (directory / CONFIG_NAME).is_file() and inner.is_dir() else directory
+
+
+def _finetune_weights(directory: Path) -> tuple[str, Path]:
+    lora, full = directory / LORA_NAME, directory / FULL_NAME
+    if lora.is_file() and full.is_file():
+        raise CheckpointError(f"moshi-finetune checkpoint {directory} holds both {LORA_NAME} and {FULL_NAME}; "
+                              "keep the one you mean, or pass lora_weight= or moshi_weight= explicitly")
+    if lora.is_file():
+        return "lora", lora
+    if full.is_file():
+        return "full", full
+    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".ckpt"))
+    seen = f" (found {', '.join(others)}: ttt-bench never unpickles weights)" if others else ""
+    raise FileNotFoundError(f"moshi-finetune checkpoint {directory}: neither {LORA_NAME} nor {FULL_NAME} "
+                            f"found{seen}; moshi-finetune writes one of them next to {CONFIG_NAME}")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{what} {path} is not a JSON text file ({exc}); give the JSON config") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({exc}); fix or re-save it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} holds a JSON {type(data).__name__}, not an object of settings")
+    return data
+
+
+def _pop_file_names(lm_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The non-LM keys moshi's CheckpointInfo takes out of config.json, with its defaults."""
+    config = lm_config if lm_config is not None else {}
+    names = {"moshi_name": config.pop("moshi_name", loaders.MOSHI_NAME),
+             "mimi_name": config.pop("mimi_name", loaders.MIMI_NAME),
+             "mimi_config_name": config.pop("mimi_config_name", None),
+             "lora_name": config.pop("lora_name", None),
+             "model_type": config.pop("model_type", "moshi")}
+    for key in ("tokenizer_name", "lm_gen_config", "tts_config", "stt_config", "model_id"):
+        config.pop(key, None)
+    return names
+
+
+# ----------------------------------------------------------------------------- checking files
+
+
+def require_safetensors(path: Path, role: str) -> None:
+    """``path`` must be a readable, complete safetensors file (never a pickle)."""
+    if not loaders._is_safetensors(path):
+        kind = " (a PyTorch pickle)" if _looks_pickled(path) else ""
+        raise CheckpointError(f"{role} {path} is not a .safetensors file{kind}; ttt-bench never unpickles "
+                              "weights: convert it with safetensors.torch.save_file")
+    safetensors_shapes(path, role)
+
+
+def _looks_pickled(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return head == b"PK" or head[:1] == b"\x80"
+
+
+def safetensors_shapes(path: Path, role: str = "weights") -> dict[str, tuple[int, ...]]:
+    """Key -> shape from a safetensors file's header (nothing loaded); a truncated or corrupt
+    file is a :class:`CheckpointError`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except SafetensorError as exc:
+        pickled = " It looks like a PyTorch pickle, which ttt-bench never opens." if _looks_pickled(path) else ""
+        raise CheckpointError(f"{role} {path} is truncated or not a safetensors file ({exc}).{pickled} "
+                              "Copy or save it again") from None
+
+
+def load_safetensors(path: Path, role: str = "weights", device: str = "cpu") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a truncated or corrupt file as a :class:`CheckpointError`."""
+    from safetensors.torch import load_file
+
+    safetensors_shapes(path, role)
+    return load_file(str(path), device=device)
+
+
+def key_mismatch(loaded: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                 required: set[str] | None = None) -> str | None:
+    """A description of the keys that do not fit (first few of each sort), or None.
+
+    required: the expected keys that must be present (default: all of them)."""
+    required = set(expected) if required is None else required
+    missing = sorted(required - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    shapes = sorted(f"{k} {loaded[k]} (model: {expected[k]})" for k in set(loaded) & set(expected)
+                    if tuple(loaded[k]) != tuple(expected[k]))
+    parts = [f"{len(keys)} {what}: {', '.join(keys[:SHOWN_KEYS])}{', ...' if len(keys) > SHOWN_KEYS else ''}"
+             for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+             if keys]
+    return "; ".join(parts) or None
+
+
+def _meta_state_shapes(resolved: ResolvedCheckpoint, lora: bool) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the LM the config builds (on the meta device: no memory, no weights)."""
+    overrides = {} if lora else {"lora": False}
+    where = resolved.config_path or f"moshi's default Moshi 7B config (no {CONFIG_NAME} in {resolved.hf_repo})"
+    try:
+        lm = loaders.get_moshi_lm(None, lm_kwargs=resolved.lm_config, device="meta", dtype=torch.float32,
+                                  lm_kwargs_overrides=overrides)
+    except Exception as exc:  # the config's values reach LMModel's constructor: any error there
+        raise CheckpointError(f"config {where} does not build a Moshi LM ({type(exc).__name__}: {exc}); "
+                              "fix the config or pass config_path= the config.json the weights were saved "
+                              "with") from None
+    return {k: tuple(v.shape) for k, v in lm.state_dict().items()}
+
+
+def check_fits(resolved: ResolvedCheckpoint) -> None:
+    """The LM weights (and LoRA adapters) fit the model the config builds: keys and shapes."""
+    wants_lora = bool((resolved.lm_config or {}).get("lora", False))
+    if resolved.lora_weights is not None and not wants_lora:
+        raise CheckpointError(f"LoRA weights {resolved.lora_weights} given, but the config "
+                              f"{resolved.config_path or '(Moshi 7B defaults)'} does not enable LoRA "
+                              "(lora: true, lora_rank, lora_scaling); pass config_path= the config.json "
+                              "saved with the adapters")
+    plain = _meta_state_shapes(resolved, lora=False)
+    problem = key_mismatch(safetensors_shapes(resolved.moshi_weights, "moshi_weights"), plain)
+    if problem:
+        raise CheckpointError(f"Moshi weights {resolved.moshi_weights} do not fit the model of config "
+                              f"{resolved.config_path or '(Moshi 7B defaults)'}: {problem}. Check that the "
+                              "config is the one the weights were saved with")
+    if resolved.lora_weights is None:
+        return
+    with_lora = _meta_state_shapes(resolved, lora=True)
+    adapters = {k for k in with_lora if ".lora_A." in k or ".lora_B." in k}
+    problem = key_mismatch(safetensors_shapes(resolved.lora_weights, "lora_weights"), with_lora, adapters)
+    if problem:
+        raise CheckpointError(f"LoRA weights {resolved.lora_weights} do not fit the model of config "
+                              f"{resolved.config_path}: {problem}. Check lora_rank in the config and the "
+                              "base model (hf_repo)")
+
+
+def _ttt_fork_evidence(resolved: ResolvedCheckpoint) -> str | None:
+    """Why these are the moshi-finetune TTT fork's weights, or None."""
+    ttt = (resolved.training_config or {}).get("ttt")
+    if isinstance(ttt, dict) and ttt.get("enable", True):
+        return f"{resolved.training_config_path} has a 'ttt' section"
+    for role in ("lora_weights", "moshi_weights"):
+        path = getattr(resolved, role)
+        if path is None:
+            continue
+        keys = [k for k in safetensors_shapes(path, role) if any(part in k for part in TTT_FORK_KEY_PARTS)]
+        if keys:
+            return f"{path} holds TTT-fork keys such as {keys[0]}"
+    return None
+
+
+# ----------------------------------------------------------------------------- sha256
+
+
+def sha256_cache_path() -> Path:
+    from ..audio.cache import default_cache_dir
+
+    return default_cache_dir() / "file_sha256.json"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, cached per (resolved path, size, mtime) so a large file is hashed once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
+    cache_path = sha256_cache_path()
+    cache = _read_sha256_cache(cache_path)
+    entry = cache.get(key)
+    if entry and entry.get("stamp") == stamp:
+        return entry["sha256"]
+    if stat.st_size > 1 << 30:
+        logger.info("computing sha256 of %s (%.1f GB, once: it is cached)", path, stat.st_size / 1e9)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    cache = _read_sha256_cache(cache_path)  # another process may have added entries meanwhile
+    cache[key] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(tmp, cache_path)
+    except OSError as exc:  # a read-only cache costs time, not correctness
+        logger.debug("could not write the sha256 cache %s: %s", cache_path, exc)
+    return digest.hexdigest()
+
+
+def _read_sha256_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
