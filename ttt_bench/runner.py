@@ -147,16 +147,22 @@ def build_scorers(spec: RunSpec, device: torch.device) -> dict[str, Any]:
 
 
 def shared_source(scorers: dict[str, Any]):
-    """The one model source whose Mimi encodes the audio; every model must use the same codec."""
+    """The one model source whose Mimi encodes the audio. Models on the same Mimi (the same
+    weights file content and config, e.g. a base and a fine-tune of it) share it; different
+    Mimi codecs are refused."""
     sources = {name: getattr(s, "source", None) for name, s in scorers.items()}
-    known = {(src.preset, src.pretrained) for src in sources.values() if src is not None}
-    if not known:
-        raise ValueError("no model names a checkpoint (preset= or pretrained=), so there is no Mimi codec "
-                         "to encode the audio with")
-    if len(known) > 1:
-        raise ValueError(f"models use different Moshi checkpoints and so different Mimi codecs: "
-                         f"{ {n: s.label for n, s in sources.items() if s} }; evaluate them in separate runs")
-    return next(src for src in sources.values() if src is not None)
+    sources = {name: src for name, src in sources.items() if src is not None}
+    if not sources:
+        raise ValueError("no model names a checkpoint (preset=, hf_repo=, checkpoint=, ...), so there is no "
+                         "Mimi codec to encode the audio with")
+    codecs: dict[str, list[str]] = {}
+    for name, src in sources.items():
+        codecs.setdefault(src.codec_identity(), []).append(name)
+    if len(codecs) > 1:
+        groups = "; ".join(f"{', '.join(names)}: {sources[names[0]].label}" for names in codecs.values())
+        raise ValueError(f"models use different Mimi codecs ({groups}), so their codes would differ; "
+                         "evaluate them in separate runs")
+    return next(iter(sources.values()))
 
 
 def layout_for(config, codec) -> StreamLayout:
