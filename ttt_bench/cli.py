@@ -83,7 +83,7 @@ def run_parser() -> argparse.ArgumentParser:
                    help="model adapter(s), comma-separated, evaluated on the same documents (see 'ttt-bench ls models')")
     p.add_argument("--tasks", required=True, help="task(s), comma-separated (see 'ttt-bench ls tasks')")
     p.add_argument("--model_args", default="",
-                   help="k=v,... for every model (preset=tiny, pretrained=REPO_OR_DIR, ...); "
+                   help="k=v,... for every model (preset=tiny, hf_repo=REPO_OR_DIR, checkpoint=DIR, lora_weight=FILE, ...); "
                         "name.k=v for one model only (ttt.layers=[1,2])")
     p.add_argument("--task_args", default="", help="k=v,... overriding task config keys (max_frames=2000, ...)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N documents per task")
