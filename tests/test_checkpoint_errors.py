@@ -90,12 +90,22 @@ def lora_without_lora_config(ckpt):
         "does not enable LoRA"
 
 
+def only_a_pickle(ckpt):
+    (ckpt / "lora.safetensors").rename(ckpt / "consolidated.pt")
+    return [f"checkpoint={ckpt}"], "found consolidated.pt, optimizer_state.pt: ttt-bench never unpickles weights"
+
+
+def mimi_that_does_not_fit(ckpt):
+    return [f"mimi_weight={ckpt / 'lora.safetensors'}"], "Mimi weights .*lora.safetensors do not fit the Mimi config"
+
+
 def missing_folder(ckpt):
     return [f"checkpoint={ckpt / 'nowhere'}"], "nowhere: no such folder"
 
 
 CASES = [missing_weights, truncated_lora, pickle_as_safetensors, pickle_weight_file, config_not_json,
-         config_does_not_build, lora_of_another_rank, lora_keys_missing, lora_without_lora_config, missing_folder]
+         config_does_not_build, lora_of_another_rank, lora_keys_missing, lora_without_lora_config, only_a_pickle,
+         mimi_that_does_not_fit, missing_folder]
 
 
 def truncated_full(ckpt):
@@ -150,10 +160,15 @@ def write_ttt_fork_checkpoint(base, folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("model", ["frozen", "ttt"])
-def test_a_ttt_fork_checkpoint_is_refused_not_half_loaded(base, tmp_path, capsys, model):
+@pytest.mark.parametrize("evidence", ["training_config.json", "keys"])
+def test_a_ttt_fork_checkpoint_is_refused_not_half_loaded(base, tmp_path, capsys, model, evidence):
     fork = write_ttt_fork_checkpoint(base, tmp_path / "fork" / "consolidated")
+    if evidence == "keys":
+        (fork / "training_config.json").unlink()
     line = run_fails(tmp_path, capsys, [f"hf_repo={REPO}", f"checkpoint={fork.parent}"], model)
-    assert "TTT layers of the moshi-finetune TTT fork" in line and "training_config.json" in line
+    assert "TTT layers of the moshi-finetune TTT fork" in line
+    assert ("training_config.json has a 'ttt' section" if evidence != "keys"
+            else "holds TTT-fork keys such as transformer.layers.1.seq_modeling_block.") in line
 
 
 @pytest.fixture
@@ -163,6 +178,11 @@ def ttt_ckpt(base, tmp_path):
 
     scorer = get_model("ttt", hf_repo=REPO, layers="last 1", gate_init=0.5)
     return save_ttt_checkpoint(scorer.lm, scorer.ttt_options, tmp_path / "ttt", base={"hf_repo": REPO})
+
+
+def test_a_ttt_checkpoint_given_as_checkpoint_says_where_it_goes(ttt_ckpt, tmp_path, capsys):
+    line = run_fails(tmp_path, capsys, [f"checkpoint={ttt_ckpt}"], "ttt")
+    assert "is a ttt-bench TTT checkpoint" in line and "ttt_checkpoint=" in line
 
 
 def test_truncated_ttt_weights(ttt_ckpt, tmp_path, capsys):

@@ -170,6 +170,9 @@ def test_models_on_one_base_share_one_codec_and_other_mimi_is_refused(lora_ckpt,
 def test_results_record_files_with_sha256_and_a_short_label(lora_ckpt):
     scorer = get_model("frozen", checkpoint=str(lora_ckpt), hf_repo=REPO)
     assert scorer.info.label == "frozen (run/checkpoint_000010 lora)"
+    legacy = get_model("legacy", base="frozen", checkpoint=str(lora_ckpt), hf_repo=REPO)
+    assert legacy.info.label == "legacy[frozen (run/checkpoint_000010 lora)]"
+    assert get_model("frozen", hf_repo=REPO).info.label == f"frozen ({REPO})"
     files = scorer.info.options["checkpoint"]["files"]
     assert set(files) == {"moshi_weights", "mimi_weights", "lora_weights", "config", "mimi_config"}
     for entry in files.values():

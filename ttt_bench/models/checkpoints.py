@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -248,10 +247,8 @@ class _Base:
         return (Path(constants.HF_HUB_CACHE) / f"models--{self.hf_repo.replace('/', '--')}" / "snapshots").is_dir()
 
     def _no_config(self) -> None:
-        with warnings.catch_warnings(record=True) as caught:  # moshi's own warning, passed on once
-            warnings.simplefilter("always")
-            warnings.warn(f"Repository {self.hf_repo} contains no config.json. Assuming this is a Moshi 7B.")
-        warn_once(str(caught[0].message))
+        warn_once(f"Repository {self.hf_repo} contains no {CONFIG_NAME}: assuming Moshi 7B with moshi's default "
+                  f"file names ({loaders.MOSHI_NAME}, {loaders.MIMI_NAME}), as moshi's loader does")
         return None
 
     def file(self, name: str, role: str) -> Path:
@@ -308,6 +305,9 @@ def _consolidated_dir(value: str | Path) -> Path:
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint={value}: no such folder; give a moshi-finetune "
                                 "checkpoint_NNNNNN folder or its consolidated/ folder")
+    if (directory / "ttt_config.json").is_file():
+        raise CheckpointError(f"checkpoint={value} is a ttt-bench TTT checkpoint (ttt_config.json); pass it as "
+                              "ttt_checkpoint= to the ttt model. checkpoint= takes a moshi-finetune checkpoint")
     inner = directory / "consolidated"
     return inner if not (directory / CONFIG_NAME).is_file() and inner.is_dir() else directory
 
@@ -453,7 +453,7 @@ def check_fits(resolved: ResolvedCheckpoint) -> None:
 def _ttt_fork_evidence(resolved: ResolvedCheckpoint) -> str | None:
     """Why these are the moshi-finetune TTT fork's weights, or None."""
     ttt = (resolved.training_config or {}).get("ttt")
-    if isinstance(ttt, dict) and ttt.get("enable", True):
+    if isinstance(ttt, dict) and ttt.get("enable", False):  # the fork's TTTArgs.enable defaults to False
         return f"{resolved.training_config_path} has a 'ttt' section"
     for role in ("lora_weights", "moshi_weights"):
         path = getattr(resolved, role)
