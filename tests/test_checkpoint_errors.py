@@ -99,13 +99,17 @@ def mimi_that_does_not_fit(ckpt):
     return [f"mimi_weight={ckpt / 'lora.safetensors'}"], "Mimi weights .*lora.safetensors do not fit the Mimi config"
 
 
+def lora_config_without_adapters(ckpt):
+    return [f"config_path={ckpt / 'config.json'}"], "enables LoRA .* but no LoRA weights were given"
+
+
 def missing_folder(ckpt):
     return [f"checkpoint={ckpt / 'nowhere'}"], "nowhere: no such folder"
 
 
 CASES = [missing_weights, truncated_lora, pickle_as_safetensors, pickle_weight_file, config_not_json,
          config_does_not_build, lora_of_another_rank, lora_keys_missing, lora_without_lora_config, only_a_pickle,
-         mimi_that_does_not_fit, missing_folder]
+         mimi_that_does_not_fit, lora_config_without_adapters, missing_folder]
 
 
 def truncated_full(ckpt):

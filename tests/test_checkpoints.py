@@ -117,6 +117,9 @@ def test_merged_weights_of_a_lora_run_get_no_fresh_adapters(base, tmp_path, lora
     nll = get_model("frozen", checkpoint=str(merged), hf_repo=REPO).score(codes, CHUNK)
     lora = get_model("frozen", checkpoint=str(lora_ckpt), hf_repo=REPO).score(codes, CHUNK)
     torch.testing.assert_close(nll, lora, rtol=0, atol=1e-4, equal_nan=True)
+    readme_way = get_model("frozen", hf_repo=REPO, moshi_weight=str(merged / "consolidated/consolidated.safetensors"),
+                           config_path=str(merged / "consolidated/config.json"))  # moshi-finetune's README
+    assert_exactly_equal(readme_way.score(codes, CHUNK), nll)
 
 
 def test_ttt_layers_on_a_finetuned_base(lora_ckpt, tmp_path, codes):

@@ -139,9 +139,9 @@ class ResolvedCheckpoint:
 
     def moshi_kwargs(self) -> dict[str, Any]:
         """Extra arguments of ``CheckpointInfo.get_moshi`` for this kind."""
-        if self.kind == "full":  # the merged weights of a LoRA run: never add fresh adapters on top
+        if self.lora_weights is None:  # e.g. the merged weights of a LoRA run: never add fresh adapters
             return {"lm_kwargs_overrides": {"lora": False}}
-        return {"fuse_lora": self.fuse_lora} if self.lora_weights is not None else {}
+        return {"fuse_lora": self.fuse_lora}
 
     def describe(self) -> dict[str, Any]:
         """What results.json records about where the model came from."""
@@ -433,6 +433,10 @@ def check_fits(resolved: ResolvedCheckpoint) -> None:
                               f"{resolved.config_path or '(Moshi 7B defaults)'} does not enable LoRA "
                               "(lora: true, lora_rank, lora_scaling); pass config_path= the config.json "
                               "saved with the adapters")
+    if wants_lora and resolved.lora_weights is None and resolved.kind == "base" and not resolved.args.moshi_weight:
+        raise CheckpointError(f"config {resolved.config_path} enables LoRA (lora: true) but no LoRA weights were "
+                              f"given; pass lora_weight= the adapters saved with it (or checkpoint= their folder), "
+                              f"or moshi_weight= the merged weights")
     plain = _meta_state_shapes(resolved, lora=False)
     problem = key_mismatch(safetensors_shapes(resolved.moshi_weights, "moshi_weights"), plain)
     if problem:
