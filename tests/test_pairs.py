@@ -26,7 +26,7 @@ from ttt_bench.metrics import DocRecord, MetricsConfig
 from ttt_bench.models.base import StreamLayout
 from ttt_bench.registry import get_model, get_task
 from ttt_bench.runner import RunSpec, evaluate
-from ttt_bench.tasks.pairs import CODEBOOKS, PairMetrics, clip_nll
+from ttt_bench.tasks.pairs import CODEBOOKS, PairMetrics, clip_nll, load_rows
 
 SALMON = ("bg_alignment", "bg_all_consistency", "bg_domain_consistency", "gender_consistency",
           "rir_consistency", "sentiment_alignment", "sentiment_consistency", "speaker_consistency")
@@ -116,10 +116,14 @@ def test_bad_clips_skip_their_pair_and_are_reported_or_stop_the_run(tmp_path, ca
 # ----------------------------------------------------------------------------- metrics
 
 
-def own_pair_scores(codec, task_name: str, codebooks: str, limit=None, **overrides) -> list[tuple[float, float, int, int]]:
+@pytest.fixture(scope="module")
+def frozen():
+    return get_model("frozen", preset="tiny", seed=0)
+
+
+def own_pair_scores(scorer, codec, task_name: str, codebooks: str, limit=None, **overrides
+                    ) -> list[tuple[float, float, int, int]]:
     """(positive, negative) summed NLL and frames, each clip scored alone by the scorer itself."""
-    scorer = get_model("frozen", preset="tiny", seed=0)
-    delays = list(scorer.lm.delays[scorer.lm.audio_offset:scorer.lm.audio_offset + scorer.lm.dep_q])
     docs = get_task(task_name, **overrides).documents(codec, limit=limit)
     sums = []
     for doc in docs:
@@ -138,10 +142,10 @@ def expected_acc(pairs) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("codebooks", ["semantic", "all"])
-def test_acc_and_acc_norm_equal_the_scorers_own_per_clip_nll(tmp_path, codec, codebooks):
+def test_acc_and_acc_norm_equal_the_scorers_own_per_clip_nll(tmp_path, frozen, codec, codebooks):
     results = run(tmp_path, ["sblimp"], task_overrides={"codebooks": codebooks})
     m = results["results"]["sblimp"]["frozen"]
-    pairs = own_pair_scores(codec, "sblimp", codebooks)
+    pairs = own_pair_scores(frozen, codec, "sblimp", codebooks)
     acc, acc_norm = expected_acc(pairs)
     assert m["n_pairs"] == N_BLIMP and m["acc"] == pytest.approx(acc, abs=1e-12)
     assert m["acc_norm"] == pytest.approx(acc_norm, abs=1e-12) and m["codebooks"] == codebooks
@@ -154,10 +158,10 @@ def test_acc_and_acc_norm_equal_the_scorers_own_per_clip_nll(tmp_path, codec, co
     assert "| acc " in board and "acc_norm" in board and "mean_nll" not in board and "| pairs" in board
 
 
-def test_codebook_selection_changes_which_nll_is_summed(codec):
-    semantic = own_pair_scores(codec, "sblimp", "semantic", limit=2)
-    acoustic = own_pair_scores(codec, "sblimp", "acoustic", limit=2)
-    every = own_pair_scores(codec, "sblimp", "all", limit=2)
+def test_codebook_selection_changes_which_nll_is_summed(frozen, codec):
+    semantic = own_pair_scores(frozen, codec, "sblimp", "semantic", limit=2)
+    acoustic = own_pair_scores(frozen, codec, "sblimp", "acoustic", limit=2)
+    every = own_pair_scores(frozen, codec, "sblimp", "all", limit=2)
     for s, a, e in zip(semantic, acoustic, every):
         assert s[0] != a[0] and e[0] == pytest.approx(s[0] + a[0], rel=1e-9)
 
@@ -199,8 +203,8 @@ def test_identical_clips_give_one_half_and_swapped_columns_give_one_minus_acc(tm
     assert swapped["acc_norm"] == pytest.approx(1 - straight["acc_norm"], abs=1e-12)
 
 
-def test_clips_of_mixed_length_batched_score_as_alone(codec):
-    scorer = get_model("frozen", preset="tiny")
+def test_clips_of_mixed_length_batched_score_as_alone(frozen, codec):
+    scorer = frozen
     docs = get_task("sblimp").documents(codec)
     layout = StreamLayout()
     batched, _ = BatchScorer(scorer, 16, layout).score(docs)
@@ -260,3 +264,13 @@ def test_every_adapter_runs_the_pair_tasks(tmp_path):
         assert m["n_pairs"] == 2 and 0.0 <= m["acc"] <= 1.0 and 0.0 <= m["acc_norm"] <= 1.0
     nll = {model: samples(tmp_path, "sblimp", model)["000000"]["nll_positive"] for model in ("frozen", "ttt")}
     assert nll["ttt"] != nll["frozen"]  # the TTT layers with a non-zero gate change the score
+
+
+def test_the_bundled_zeroshot_sample_is_read_by_the_same_code(codec):
+    task = get_task("zeroshot_sample")
+    rows = list(load_rows(task.config.source, task.config.columns, ["positive", "negative"]))
+    assert len(rows) == 30 and sorted({r["type"] for r in rows}) == ["lexical", "story", "syntax"]
+    assert all(r["positive"]["bytes"] != r["negative"]["bytes"] for r in rows)
+    docs = task.documents(codec, limit=2)
+    assert [d.doc_id for d in docs] == ["0/positive", "0/negative", "1/positive", "1/negative"]
+    assert docs[0].meta["type"] == "lexical" and all(d.n_frames > 5 for d in docs)
