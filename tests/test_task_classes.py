@@ -86,7 +86,7 @@ def test_a_run_over_two_task_classes_writes_a_table_for_each(tmp_path):
     nll = {r["doc_id"]: r for r in map(json.loads, (tmp_path / "samples.jsonl").read_text().splitlines())}
     assert set(nll) == {d.doc_id for d in synthetic_documents()[:2]}  # only the stream task writes lines
     assert results["metrics_config"]["first_frames_for_tests"] == {
-        "n_first": 2, "leaderboard": FirstFrameMetrics.leaderboard_spec()}
+        "n_first": 2, "leaderboard": FirstFrameMetrics(2).leaderboard_spec()}
     board = (tmp_path / "leaderboard.md").read_text()
     stream_table, first_table = board.split("### first_frames_for_tests")
     assert "| mean_nll" in stream_table and "first_nll" not in stream_table

@@ -625,7 +625,7 @@ class TaskMetrics(ABC):
     unit: ClassVar[str] = "documents"   # what the bootstrap resamples (leaderboard footnote)
     count_key: ClassVar[str] = "n_docs"  # the metric counting them
     count_header: ClassVar[str] = "docs"  # its leaderboard column
-    note: ClassVar[str] = ""  # what the leaderboard's footnote says about the columns
+    note: str = ""  # what the leaderboard's footnote says about the columns
     columns: ClassVar[tuple[str, ...]] = ()        # leaderboard columns; "name*" = every "name..."
     delta_columns: ClassVar[tuple[str, ...]] = ()  # metrics shown as Δ vs the baseline
     loss_curves: ClassVar[bool] = False  # its documents go into the loss-vs-position plot
@@ -652,11 +652,10 @@ class TaskMetrics(ABC):
     def sample_lines(self, summary: Any) -> Iterable[dict[str, Any]]:
         return ()
 
-    @classmethod
-    def leaderboard_spec(cls) -> dict[str, Any]:
+    def leaderboard_spec(self) -> dict[str, Any]:
         """What the leaderboard shows (stored in results.json, so merged runs render alike)."""
-        return {"columns": list(cls.columns), "delta_columns": list(cls.delta_columns), "unit": cls.unit,
-                "count_key": cls.count_key, "count_header": cls.count_header, "note": cls.note}
+        return {"columns": list(self.columns), "delta_columns": list(self.delta_columns), "unit": self.unit,
+                "count_key": self.count_key, "count_header": self.count_header, "note": self.note}
 
 
 class StreamMetrics(TaskMetrics):

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DEFAULT_BASELINE = "frozen"
 # a results.json written before metrics_config[task] said its columns: the long-stream ones
-DEFAULT_LEADERBOARD = StreamMetrics.leaderboard_spec()
+DEFAULT_LEADERBOARD = StreamMetrics(MetricsConfig()).leaderboard_spec()
 
 
 # ----------------------------------------------------------------------------- JSON

@@ -338,13 +338,8 @@ class PairMetrics(TaskMetrics):
         self.codebooks = codebooks
         self.config = config
         self.targets = dict(targets or {})
+        self.note = f"NLL summed over the {codebooks} codebook(s); ties count 0.5"
 
-    @property
-    def note(self) -> str:  # type: ignore[override]
-        return f"NLL summed over the {self.codebooks} codebook(s); ties count 0.5"
-
-    def leaderboard_spec(self) -> dict[str, Any]:  # type: ignore[override]
-        return {**super().leaderboard_spec(), "note": self.note}
 
     def to_dict(self) -> dict[str, Any]:
         return {"codebooks": self.codebooks, "codebook_indices": CODEBOOKS[self.codebooks],
