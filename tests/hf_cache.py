@@ -73,12 +73,14 @@ def lora_trained_lm(base_dir: Path, seed: int = 1):
 
 
 def write_finetune_checkpoint(run_dir: Path, base_dir: Path, kind: str = "lora", step: int = 10,
-                              seed: int = 1, lora_in_config: bool | None = None) -> Path:
+                              seed: int = 1, lora_in_config: bool | None = None,
+                              moshi_paths: dict | None = None) -> Path:
     """A kyutai moshi-finetune checkpoint of the tiny base: ``run_dir/checkpoints/checkpoint_NNNNNN/
     consolidated/`` with config.json (the base's config plus the LoRA fields) and
     ``lora.safetensors`` (the adapters: every module whose parameters all train) or
     ``consolidated.safetensors`` (every weight, adapters merged). An ``optimizer_state.pt`` that is
     not a valid pickle sits beside them, as moshi-finetune leaves one: it must never be opened.
+    moshi_paths: the run's base as moshi-finetune records it in ``run_dir/args.yaml``.
     Returns the checkpoint_NNNNNN folder."""
     from moshi.modules.lora import replace_lora_with_linear
 
@@ -95,5 +97,9 @@ def write_finetune_checkpoint(run_dir: Path, base_dir: Path, kind: str = "lora",
     lora = kind == "lora" if lora_in_config is None else lora_in_config
     config = {**tiny_base_config(), "lora": lora, "lora_rank": LORA_RANK, "lora_scaling": LORA_SCALING}
     (consolidated / "config.json").write_text(json.dumps(config, indent=4))
+    if moshi_paths is not None:
+        import yaml
+
+        (Path(run_dir) / "args.yaml").write_text(yaml.safe_dump({"run_dir": str(run_dir), "moshi_paths": moshi_paths}))
     (consolidated / "optimizer_state.pt").write_bytes(b"\x80\x04 not a pickle anyone should open")
     return folder

@@ -122,6 +122,35 @@ def test_merged_weights_of_a_lora_run_get_no_fresh_adapters(base, tmp_path, lora
     assert_exactly_equal(readme_way.score(codes, CHUNK), nll)
 
 
+def test_the_base_named_in_the_runs_args_yaml_is_used(base, tmp_path, lora_ckpt, codes, caplog):
+    """moshi-finetune records its base in run_dir/args.yaml (moshi_paths): with no hf_repo given,
+    the adapters go on that base, not on moshiko."""
+    ckpt = write_finetune_checkpoint(tmp_path / "run", base, kind="lora", moshi_paths={"hf_repo_id": REPO})
+    scorer = get_model("frozen", checkpoint=str(ckpt))
+    assert scorer.source.pretrained == REPO
+    assert scorer.info.options["checkpoint"]["files"]["training_args"]["path"] == str(tmp_path / "run" / "args.yaml")
+    assert_exactly_equal(scorer.score(codes, CHUNK),
+                         get_model("frozen", checkpoint=str(lora_ckpt), hf_repo=REPO).score(codes, CHUNK))
+    copy = tmp_path / "base-weights.safetensors"
+    copy.write_bytes((base / "model.safetensors").read_bytes())
+    by_path = write_finetune_checkpoint(tmp_path / "run2", base, kind="lora",
+                                        moshi_paths={"hf_repo_id": REPO, "moshi_path": str(copy)})
+    assert get_model("frozen", checkpoint=str(by_path)).source.checkpoint.moshi_weights == copy
+    copy.unlink()
+    with pytest.raises(FileNotFoundError, match=f"args.yaml: the run was trained with moshi_path={copy}, which is not here"):
+        get_model("frozen", checkpoint=str(by_path))
+    write_tiny_hf_checkpoint(hf_hub_cache_dir(), "ttt-bench-test/another-base", seed=3)
+    caplog.clear()
+    get_model("frozen", checkpoint=str(ckpt), hf_repo="ttt-bench-test/another-base")
+    assert f"was trained on {REPO}" in caplog.text
+
+
+def hf_hub_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
 def test_ttt_layers_on_a_finetuned_base(lora_ckpt, tmp_path, codes):
     from ttt_bench.models.ttt import save_ttt_checkpoint
 

@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,7 @@ class ResolvedCheckpoint:
     directory: Path | None = None  # the moshi-finetune checkpoint folder (consolidated/)
     training_config: dict[str, Any] | None = None
     training_config_path: Path | None = None
+    training_args_path: Path | None = None  # where the base the run was trained on was read
     ttt_fork: str | None = None
     args: LoadArgs = field(default_factory=LoadArgs)
 
@@ -96,7 +97,8 @@ class ResolvedCheckpoint:
         """Every file the model is built from, by role."""
         roles = {"moshi_weights": self.moshi_weights, "mimi_weights": self.mimi_weights,
                  "lora_weights": self.lora_weights, "config": self.config_path,
-                 "mimi_config": self.mimi_config_path, "training_config": self.training_config_path}
+                 "mimi_config": self.mimi_config_path, "training_config": self.training_config_path,
+                 "training_args": self.training_args_path}
         return {role: path for role, path in roles.items() if path is not None}
 
     def files_with_sha256(self) -> dict[str, dict[str, str]]:
@@ -159,9 +161,11 @@ class ResolvedCheckpoint:
 
 def resolve_checkpoint(args: LoadArgs) -> ResolvedCheckpoint:
     """Find and check every file of the model ``args`` names (see the module docstring)."""
+    directory = _consolidated_dir(args.checkpoint) if args.checkpoint else None
+    trained_on, training_args_path = _trained_base(directory) if directory is not None else ({}, None)
+    args, trained_files = _with_trained_base(args, trained_on, training_args_path)
     hf_repo = args.hf_repo or loaders.DEFAULT_REPO
     base = _Base(hf_repo)
-    directory = _consolidated_dir(args.checkpoint) if args.checkpoint else None
     config_path = (_user_file(args.config_path, "config_path") if args.config_path
                    else directory / CONFIG_NAME if directory is not None
                    else base.config())
@@ -182,9 +186,10 @@ def resolve_checkpoint(args: LoadArgs) -> ResolvedCheckpoint:
         lora_weights, kind = base.file(names["lora_name"], "lora_name"), "lora"
 
     moshi_weights = (_user_file(args.moshi_weight, "moshi_weight") if args.moshi_weight
-                     else full_weights or base.file(names["moshi_name"], "moshi_name"))
+                     else full_weights or trained_files.get("moshi_weights")
+                     or base.file(names["moshi_name"], "moshi_name"))
     mimi_weights = (_user_file(args.mimi_weight, "mimi_weight") if args.mimi_weight
-                    else base.file(names["mimi_name"], "mimi_name"))
+                    else trained_files.get("mimi_weights") or base.file(names["mimi_name"], "mimi_name"))
     mimi_config_path = base.file(names["mimi_config_name"], "mimi_config_name") if names["mimi_config_name"] else None
     training_config_path = directory / TRAINING_CONFIG_NAME if directory is not None else None
     if training_config_path is not None and not training_config_path.is_file():
@@ -197,7 +202,7 @@ def resolve_checkpoint(args: LoadArgs) -> ResolvedCheckpoint:
         mimi_config=read_json(mimi_config_path, "mimi config") if mimi_config_path else None,
         model_type=names["model_type"], fuse_lora=bool(args.fuse_lora), directory=directory,
         training_config=read_json(training_config_path, "training config") if training_config_path else None,
-        training_config_path=training_config_path, args=args)
+        training_config_path=training_config_path, training_args_path=training_args_path, args=args)
     for role, path in resolved.files().items():
         if role.endswith("weights"):
             require_safetensors(path, role)
@@ -205,6 +210,53 @@ def resolve_checkpoint(args: LoadArgs) -> ResolvedCheckpoint:
     if resolved.ttt_fork is None:
         check_fits(resolved)
     return resolved
+
+
+def _trained_base(directory: Path) -> tuple[dict[str, Any], Path | None]:
+    """The base a moshi-finetune run was trained on (``moshi_paths``: hf_repo_id, moshi_path,
+    mimi_path), from the fork's ``training_config.json`` beside the weights or the run's
+    ``args.yaml`` (``run_dir/checkpoints/checkpoint_NNNNNN/consolidated/``)."""
+    import yaml
+
+    folder = directory.parent if directory.name == "consolidated" else directory
+    candidates = [directory / TRAINING_CONFIG_NAME]
+    if folder.parent.name == "checkpoints":
+        candidates.append(folder.parent.parent / "args.yaml")
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        except (ValueError, yaml.YAMLError) as exc:
+            raise CheckpointError(f"training arguments {path} cannot be read ({exc}); fix the file, or "
+                                  "move it away and name the base with hf_repo=") from None
+        paths = data.get("moshi_paths") if isinstance(data, dict) else None
+        if isinstance(paths, dict):
+            return {k: paths.get(k) for k in ("hf_repo_id", "moshi_path", "mimi_path")}, path
+    return {}, None
+
+
+def _with_trained_base(args: LoadArgs, trained_on: dict[str, Any], where: Path | None
+                       ) -> tuple[LoadArgs, dict[str, Path]]:
+    """Fill in the base the run was trained on where the user named none: ``hf_repo``, and the
+    base's own weight files when the run named them (role -> path)."""
+    if not trained_on:
+        return args, {}
+    if args.hf_repo or args.moshi_weight or args.mimi_weight:
+        if args.hf_repo and trained_on.get("hf_repo_id") and args.hf_repo != trained_on["hf_repo_id"]:
+            warn_once(f"{args.checkpoint} was trained on {trained_on['hf_repo_id']} ({where}); "
+                      f"evaluating it on hf_repo={args.hf_repo} as asked")
+        return args, {}
+    logger.info("checkpoint %s: base %s, from %s", args.checkpoint, trained_on, where)
+    files = {}
+    for role, key in (("moshi_weights", "moshi_path"), ("mimi_weights", "mimi_path")):
+        if trained_on.get(key):
+            path = Path(trained_on[key]).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"{where}: the run was trained with {key}={trained_on[key]}, which is not "
+                                        "here; name the base with hf_repo= (and moshi_weight=, mimi_weight=)")
+            files[role] = path
+    return replace(args, hf_repo=trained_on.get("hf_repo_id") or args.hf_repo), files
 
 
 class _Base:
@@ -280,7 +332,7 @@ def _hub_error(hf_repo: str, name: str, exc: Exception) -> FileNotFoundError:
     hint = (" HF_HUB_OFFLINE is set: the files must already be in the HF cache "
             f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'})."
             if offline else "")
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first_line = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
     return FileNotFoundError(f"could not load {name} of Moshi checkpoint {hf_repo!r}: {first_line}.{hint}")
 
 
