@@ -121,6 +121,7 @@ def build_results(run: dict, summaries: dict[str, dict[str, Any]],
             m = metrics.model_metrics(summary)
             if base is not None and model != base:
                 m["delta_vs_baseline"] = {"baseline": base, **metrics.deltas(summary, models[base])}
+            m.setdefault("flags", []).extend(metrics.model_flags(m, (run.get("models") or {}).get(model) or {}))
             results[task][model] = m
         add_declared_lookahead_flags(results[task], run.get("models") or {})
         add_lookahead_flags(results[task], (run.get("causality") or {}).get(task) or [])
@@ -250,6 +251,9 @@ def write_outputs(out_dir: Path, run: dict, records: dict[str, dict[str, list[Do
         plot_loss_vs_position(out_dir / "loss_vs_position", {t: summaries[t] for t in curve_tasks},
                               results_json["baselines"], _labels(run),
                               {t: metrics_by_task[t].config for t in curve_tasks})
+    for task, metrics in metrics_by_task.items():
+        if task in summaries and hasattr(metrics, "plot"):  # the task's own figure (recall: gain curve)
+            metrics.plot(out_dir / f"{task}.png", task, summaries[task], _labels(run))
     _log_flags(results_json["results"])
     return markdown
 

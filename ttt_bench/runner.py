@@ -246,6 +246,8 @@ class TaskPlan:
 
 def plan_task(name: str, task, codec, scorers: dict[str, Any], spec: RunSpec, dist: Dist) -> TaskPlan:
     config = task.config
+    if hasattr(task, "use_models"):  # tasks whose documents depend on the models (recall: the gap)
+        task.use_models(scorers)
     with dist.local_main_first():
         docs = task.documents(codec, limit=spec.limit, on_bad_input=spec.on_bad_input)
     dist.all_agree(hashlib.sha256(json.dumps([(d.doc_id, d.n_frames) for d in docs]).encode()).hexdigest())
@@ -450,7 +452,8 @@ def write_results(out: Path, spec: RunSpec, plans: list[TaskPlan], store: Record
     kept = {t: {m: recs for m, recs in models.items() if recs} for t, models in records.items()}
     kept = {t: models for t, models in kept.items() if models}
     model_info = {name: {"label": s.info.label, "legacy": bool(getattr(s, "is_legacy", False)),
-                         "lookahead": bool(getattr(s, "lookahead", False)), "options": s.info.options}
+                         "lookahead": bool(getattr(s, "lookahead", False)),
+                         "attention_only": bool(getattr(s, "attention_only", False)), "options": s.info.options}
                   for plan in plans for name, s in plan.scorers.items()}
     run = {
         "config": {**asdict(spec), "output_path": str(out)},

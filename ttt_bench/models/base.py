@@ -51,6 +51,8 @@ class StreamingScorer(ABC):
     is_legacy: ClassVar[bool] = False
     adapts_weights: ClassVar[bool] = False  # weights change while scoring: only the first chunk
     #                                         can be checked against a plain forward pass
+    attention_only: ClassVar[bool] = False  # no memory but attention's (the recall task checks
+    #                                         that such a model gains nothing past its reach)
 
     lm: Any  # the moshi LMModel being scored
 

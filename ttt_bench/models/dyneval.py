@@ -81,6 +81,10 @@ class DynEvalScorer(FrozenScorer):
         self._initial = {name: p.detach().clone() for name, p in self.trainable}
         self._optimizer: torch.optim.Optimizer | None = None
 
+    @property
+    def attention_only(self) -> bool:  # type: ignore[override]
+        return self.lr == 0  # the weights learn the stream
+
     def options(self) -> dict[str, Any]:
         return {**super().options(), "lr": self.lr, "optimizer": self.optimizer_name, "params": self.params,
                 "n_params": sum(p.numel() for _, p in self.trainable)}

@@ -32,6 +32,7 @@ class FrozenScorer(StreamingScorer):
 
     name = "frozen"
     skip_text_head = True  # the audio NLL never reads the text logits (benchmarks/bench_scoring.py)
+    attention_only = True
 
     def __init__(self, lm: LMModel | None = None, preset: str | None = None, pretrained: str | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,

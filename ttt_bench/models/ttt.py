@@ -248,6 +248,7 @@ class TTTScorer(FrozenScorer):
     ``TTTOptions``; or ``ttt_checkpoint`` (options, base model and weights from a directory)."""
 
     name = "ttt"
+    attention_only = False  # fast weights carry the stream
 
     def __init__(self, lm: LMModel | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, seed: int = 0, ttt_checkpoint: str | Path | None = None,

@@ -1,3 +1,3 @@
 """Tasks; importing this package registers them."""
 
-from . import librilight_stream, pairs  # noqa: F401
+from . import librilight_stream, pairs, recall  # noqa: F401
