@@ -121,7 +121,9 @@ def build_results(run: dict, summaries: dict[str, dict[str, Any]],
             m = metrics.model_metrics(summary)
             if base is not None and model != base:
                 m["delta_vs_baseline"] = {"baseline": base, **metrics.deltas(summary, models[base])}
-            m.setdefault("flags", []).extend(metrics.model_flags(m, (run.get("models") or {}).get(model) or {}))
+            flags = metrics.model_flags(m, (run.get("models") or {}).get(model) or {})
+            if flags:
+                m.setdefault("flags", []).extend(flags)
             results[task][model] = m
         add_declared_lookahead_flags(results[task], run.get("models") or {})
         add_lookahead_flags(results[task], (run.get("causality") or {}).get(task) or [])
