@@ -209,3 +209,19 @@ def test_a_run_whose_loss_fails_verification_stops_with_no_results(tmp_path, cap
     assert code == 3
     assert "differs from LMModel.forward" in capsys.readouterr().err
     assert not (out / "results.json").exists() and not (out / "records").exists()
+
+
+def test_terminal_table_is_narrow_and_keeps_deltas_and_flags(two_model_run):
+    from ttt_bench.report import render_terminal
+
+    results = json.loads((two_model_run / "results.json").read_text())
+    row = results["results"]["librilight_sample"]["ttt"]
+    row["flags"] = row.get("flags", []) + [{"code": "lookahead", "message": "m"}]
+    text = render_terminal(results, width=100)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    header = next(line for line in text.splitlines() if line.startswith("model"))
+    assert "mean_nll" in header and "Δ mean_nll" in header and header.rstrip().endswith("flags")
+    [ttt] = [line for line in text.splitlines() if line.startswith("ttt")]
+    assert "lookahead" in ttt and f"{row['mean_nll']:.4f}" in ttt
+    full = render_terminal(results, width=1000)
+    assert "Δ slope" in full and "Δ slope" not in text  # dropped to fit, still in the full rendering

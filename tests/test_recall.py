@@ -143,3 +143,16 @@ def test_an_attention_only_model_that_gains_past_its_reach_is_flagged():
     assert metrics.model_flags({"max_abs_pair_gain": 1e-7}, {"attention_only": True}) == []
     inside = RecallMetrics(MetricsConfig(card=256), recall_frames=R, gap_frames=20, reach=128)
     assert inside.model_flags(row, {"attention_only": True}) == []
+
+
+def test_terminal_table_fits_120_columns_with_deltas_marks_and_flags(past_the_reach):
+    from ttt_bench.report import render_terminal
+
+    _, results = past_the_reach
+    text = render_terminal(results)
+    assert max(len(line) for line in text.splitlines()) <= 120
+    [dyneval] = [line for line in text.splitlines() if line.startswith("dyneval")]
+    delta = results["results"]["librilight_sample_recall"]["dyneval"]["delta_vs_baseline"]
+    mark = "*" if delta["significant"]["recall_gain"] else ""
+    assert f"{delta['delta']['recall_gain']:.4f}{mark} " in dyneval
+    assert "leaderboard.md" in text and "[" not in dyneval  # intervals stay in leaderboard.md

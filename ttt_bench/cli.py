@@ -136,9 +136,11 @@ def cmd_run(argv: Sequence[str]) -> int:
     if results is None:  # not the main process: the main process alone reports
         return 0
     out = Path(results["config"]["output_path"])
-    print((out / "leaderboard.md").read_text())
+    from .report import render_terminal
+
+    print(render_terminal(results))
     written = [name for name in ("results.json", "curves.npz", "leaderboard.md", "loss_vs_position.png")
-               if (out / name).exists()]
+               if (out / name).exists()] + sorted(p.name for p in out.glob("*.png") if p.name != "loss_vs_position.png")
     print(f"\nwrote {out}/{', '.join(written)}")
     return 0
 

@@ -514,3 +514,72 @@ def merge_runs(dirs: list[Path]) -> str:
     merged["merge_notes"] = [n + "  " for n in merged["merge_notes"][:-1]] + \
         merged["merge_notes"][-1:]
     return render_leaderboard(merged)
+
+
+# ----------------------------------------------------------------------------- terminal
+
+TERMINAL_WIDTH = 120
+_LABEL_WIDTH = 28
+_FLAGS_WIDTH = 32
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _terminal_rows(models: dict[str, dict], info: dict[str, dict], baseline: str | None, cols: list[str],
+                   deltas: list[str], count_key: str) -> list[list[str]]:
+    rows = []
+    for name, m in models.items():
+        label = row_label(name, info.get(name)) + (" (base)" if name == baseline else "")
+        row = [_clip(label, _LABEL_WIDTH)] + [_fmt(c, m.get(c)) for c in cols]
+        d = m.get("delta_vs_baseline") or {}
+        for c in deltas:
+            if name == baseline:
+                row.append("-")
+            else:
+                value = (d.get("delta") or {}).get(c)
+                row.append(_fmt(c, value) + ("*" if (d.get("significant") or {}).get(c) else "")
+                           if value is not None else "n/a")
+        flags = sorted({f["code"] for f in m.get("flags", [])})
+        row += [str(m.get(count_key)), _clip(",".join(flags), _FLAGS_WIDTH) if flags else "-"]
+        rows.append(row)
+    return rows
+
+
+def _terminal_task(task: str, models: dict[str, dict], info: dict[str, dict], baseline: str | None,
+                   spec: dict[str, Any], width: int) -> list[str]:
+    """Estimates, Δ vs the baseline with its significance mark and flags; columns dropped from the
+    right (estimates first, then deltas) until the table fits ``width``."""
+    cols = _metric_columns(models, spec["columns"])
+    deltas = list(spec["delta_columns"]) if baseline is not None and baseline in models else []
+    while True:
+        headers = ["model"] + cols + [f"Δ {c}" for c in deltas] + [spec["count_header"], "flags"]
+        rows = _terminal_rows(models, info, baseline, cols, deltas, spec["count_key"])
+        table = tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
+        if max(len(line) for line in table.splitlines()) <= width or len(cols) + len(deltas) <= 1:
+            break
+        if len(cols) > 1:
+            cols = cols[:-1]
+        else:
+            deltas = deltas[:-1]
+    return [f"{task}", table, ""]
+
+
+def render_terminal(results_json: dict, width: int = TERMINAL_WIDTH) -> str:
+    """The run's summary for a terminal (at most about ``width`` columns): estimates, Δ vs the
+    baseline (* = its interval excludes 0) and flags. leaderboard.md has everything."""
+    info = results_json.get("models") or {}
+    baselines = results_json.get("baselines") or {}
+    lines: list[str] = []
+    for task, models in (results_json.get("results") or {}).items():
+        lines += _terminal_task(task, models, info, baselines.get(task), leaderboard_spec(results_json, task),
+                                width)
+    for group, models in (results_json.get("groups") or {}).items():
+        lines += _group_table(group, models, info, (results_json.get("group_subtasks") or {}).get(group, []))
+    if any(baselines.values()):
+        lines.append("Δ = model − baseline on the same documents; * = its 95% bootstrap interval excludes 0.")
+    lines.append("Intervals, every column and what each flag means: leaderboard.md.")
+    if results_json.get("complete") is False:
+        lines.append("This run is incomplete (interrupted; resume with --resume).")
+    return "\n".join(lines) + "\n"
