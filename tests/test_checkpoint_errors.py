@@ -163,16 +163,30 @@ def write_ttt_fork_checkpoint(base, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("model", ["frozen", "ttt"])
+@pytest.mark.parametrize("model", ["frozen", "dyneval"])
 @pytest.mark.parametrize("evidence", ["training_config.json", "keys"])
 def test_a_ttt_fork_checkpoint_is_refused_not_half_loaded(base, tmp_path, capsys, model, evidence):
     fork = write_ttt_fork_checkpoint(base, tmp_path / "fork" / "consolidated")
     if evidence == "keys":
         (fork / "training_config.json").unlink()
     line = run_fails(tmp_path, capsys, [f"hf_repo={REPO}", f"checkpoint={fork.parent}"], model)
-    assert "TTT layers of the moshi-finetune TTT fork" in line
+    assert "TTT layers of the moshi-finetune TTT fork" in line and "--model ttt" in line
     assert ("training_config.json has a 'ttt' section" if evidence != "keys"
             else "holds TTT-fork keys such as transformer.layers.1.seq_modeling_block.") in line
+
+
+def test_a_ttt_fork_checkpoint_missing_keys_are_named(base, tmp_path, capsys):
+    fork = write_ttt_fork_checkpoint(base, tmp_path / "fork" / "consolidated")
+    line = run_fails(tmp_path, capsys, [f"hf_repo={REPO}", f"checkpoint={fork.parent}"], "ttt")
+    assert "does not fit" in line and " missing: " in line
+    assert "seq_modeling_block.ttt_layer.ttt.learnable_ttt_lr_bias" in line
+
+
+def test_a_ttt_fork_checkpoint_without_training_config_says_so(base, tmp_path, capsys):
+    fork = write_ttt_fork_checkpoint(base, tmp_path / "fork" / "consolidated")
+    (fork / "training_config.json").unlink()
+    line = run_fails(tmp_path, capsys, [f"hf_repo={REPO}", f"checkpoint={fork.parent}"], "ttt")
+    assert "training_config.json not found" in line and "TTT settings" in line
 
 
 @pytest.fixture

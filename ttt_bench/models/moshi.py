@@ -154,9 +154,9 @@ def load_lm(source: ModelSource, device: str | torch.device = "cpu",
     if checkpoint.ttt_fork:
         raise CheckpointError(
             f"checkpoint {checkpoint.directory or checkpoint.lora_weights or checkpoint.moshi_weights} holds the "
-            f"TTT layers of the moshi-finetune TTT fork ({checkpoint.ttt_fork}); ttt-bench cannot load that "
-            "fork's TTT layers yet and will not load its checkpoint without them. Evaluate a checkpoint "
-            "of kyutai's moshi-finetune (LoRA or full) or a ttt-bench ttt_checkpoint")
+            f"TTT layers of the moshi-finetune TTT fork ({checkpoint.ttt_fork}); only the ttt model builds "
+            "them, and no model loads the checkpoint without them: evaluate it with --model ttt "
+            "--model_args checkpoint=DIR (without ttt_checkpoint)")
     lm = checkpoint.checkpoint_info().get_moshi(device=device, dtype=dtype, **checkpoint.moshi_kwargs())
     return lm.eval()
 

@@ -29,7 +29,9 @@ from safetensors.torch import save_file
 from ..registry import register_model
 from .base import ScorerInfo, StreamLayout
 from .checkpoints import CheckpointError, LoadArgs, key_mismatch, load_safetensors, read_json, safetensors_shapes
+from . import ttt_fork_checkpoint as fork
 from .frozen import FrozenScorer
+from .moshi import ModelSource
 from .ttt_fork import ForkTTTBlock, ForkTTTConfig, insert_fork_ttt_block
 from .ttt_layers import INNER_KINDS, TTTBranch, insert_ttt_branch, reset_streaming_children_cache
 
@@ -256,6 +258,12 @@ class TTTScorer(FrozenScorer):
         self.ttt_checkpoint = str(ttt_checkpoint) if ttt_checkpoint is not None else None
         load_args = {k: v for k, v in kwargs.items() if k in LOAD_ARG_NAMES and v is not None}
         ttt_options = {k: v for k, v in kwargs.items() if k not in LOAD_ARG_NAMES}
+        self.fork_checkpoint: dict[str, Any] | None = None
+        if lm is None and ttt_checkpoint is None and load_args.get("checkpoint") and "preset" not in load_args:
+            source = ModelSource.make(seed=seed, **load_args)
+            if source.checkpoint.ttt_fork:
+                self._load_fork_checkpoint(source, ttt_options, device, dtype)
+                return
         requested = TTTOptions.from_dict(ttt_options, "ttt model_args")
         if ttt_checkpoint is not None:
             options, base = read_ttt_config(ttt_checkpoint)
@@ -278,8 +286,34 @@ class TTTScorer(FrozenScorer):
                            self.ttt_options.gate_init)
         self.lm.eval()
 
+    def _load_fork_checkpoint(self, source: ModelSource, given: dict[str, Any], device, dtype) -> None:
+        """A checkpoint of the moshi-finetune TTT fork: settings from its training_config.json,
+        the base and LoRA by moshi's loaders, the TTT layers of ``arch=moshi_finetune_ttt``."""
+        checkpoint = source.checkpoint
+        others = sorted(set(given) - {"causal"})
+        if others:
+            raise ValueError(f"ttt options {others} given with the moshi-finetune TTT checkpoint "
+                             f"{checkpoint.directory}: its settings come from {checkpoint.training_config_path}; "
+                             "only causal= can be chosen")
+        causal = as_bool(given.get("causal", True), "causal")
+        lm = fork.build_base(checkpoint, device or "cpu", dtype)
+        settings = fork.fork_settings(checkpoint, len(lm.transformer.layers), causal)
+        FrozenScorer.__init__(self, lm=lm)
+        self.source = source
+        self.ttt_options = insert_ttt_layers(self.lm, TTTOptions(**settings.options))
+        fork.set_attention_contexts(self.lm, settings)
+        self.fork_checkpoint = {"training_config": str(checkpoint.training_config_path),
+                                "ttt_layer_context": settings.ttt_layer_context,
+                                "non_ttt_layer_context": settings.non_ttt_layer_context,
+                                **fork.load_fork_weights(self.lm, checkpoint)}
+        fork.fuse_lora(self.lm, checkpoint)
+        self.lm.eval()
+
     def options(self) -> dict[str, Any]:
-        return {**super().options(), **asdict(self.ttt_options), "ttt_checkpoint": self.ttt_checkpoint}
+        options = {**super().options(), **asdict(self.ttt_options), "ttt_checkpoint": self.ttt_checkpoint}
+        if self.fork_checkpoint is not None:
+            options["fork_checkpoint"] = self.fork_checkpoint
+        return options
 
     @property
     def lookahead(self) -> bool:
