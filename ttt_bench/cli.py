@@ -59,7 +59,7 @@ def parse_kv(text: str | None, flag: str) -> dict[str, Any]:
     for item in split_top_level(text or ""):
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"ttt-bench: error: {flag} expects key=value pairs separated by commas, got {item!r}")
+            raise ValueError(f"{flag} expects key=value pairs separated by commas, got {item!r}")
         result[key.strip()] = parse_value(value.strip())
     return result
 
@@ -108,31 +108,43 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_lookahead", action="store_true",
                    help="measure a model whose loss depends on later frames (it fails the causality check "
                         "otherwise, exit 3) and flag its rows 'lookahead'")
+    p.add_argument("--wandb_args", default=None,
+                   help="k=v,... passed to wandb.init (project=...,name=...): also log the results to "
+                        "Weights & Biases (pip install \"ttt-bench[wandb]\")")
+    p.add_argument("--tensorboard_dir", default=None,
+                   help="also log the results to TensorBoard event files in this directory "
+                        "(pip install \"ttt-bench[tensorboard]\")")
     p.add_argument("--verbosity", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     return p
 
 
 def cmd_run(argv: Sequence[str]) -> int:
-    from .registry import add_task_config_dir
-    from .runner import RunSpec, RunStopped, evaluate
+    from .api import simple_evaluate
+    from .distributed import Dist
+    from .runner import RunStopped
 
     args = run_parser().parse_args(argv)
     logging.basicConfig(level=args.verbosity, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for path in args.include_path:
-        add_task_config_dir(path)
-    spec = RunSpec(
-        models=split_top_level(args.model), tasks=split_top_level(args.tasks),
-        model_args=parse_kv(args.model_args, "--model_args"), task_overrides=parse_kv(args.task_args, "--task_args"),
-        limit=args.limit, batch_size=args.batch_size, chunk_size=args.chunk_size, device=args.device,
-        dtype=args.dtype, seed=args.seed, output_path=args.output_path, overwrite=args.overwrite,
-        resume=args.resume, baseline=args.baseline, strict=args.strict, on_bad_input=args.on_bad_input,
-        on_error=args.on_error, allow_lookahead=args.allow_lookahead, command=shlex.join(["ttt-bench", *argv]))
+    model_args = parse_kv(args.model_args, "--model_args")
+    task_args = parse_kv(args.task_args, "--task_args")
+    wandb_args = parse_kv(args.wandb_args, "--wandb_args") if args.wandb_args is not None else None
+    dist = Dist.create(args.device)  # joins the process group of `accelerate launch`, if any
     try:
-        results = evaluate(spec)
+        results = simple_evaluate(
+            model=split_top_level(args.model), model_args=model_args, tasks=split_top_level(args.tasks),
+            task_args=task_args, include_path=args.include_path, limit=args.limit, batch_size=args.batch_size,
+            chunk_size=args.chunk_size, device=str(dist.device), dtype=args.dtype, seed=args.seed,
+            output_path=args.output_path or default_output_path(args), overwrite=args.overwrite,
+            resume=args.resume, baseline=args.baseline, strict=args.strict, on_bad_input=args.on_bad_input,
+            on_error=args.on_error, allow_lookahead=args.allow_lookahead, wandb_args=wandb_args,
+            tensorboard_dir=args.tensorboard_dir,
+            command=shlex.join(["ttt-bench", *argv]))
     except RunStopped as stop:
+        dist.close()
         if stop.is_main:
             print(f"ttt-bench: {stop}\nresume with:\n  {stop.resume_command}", file=sys.stderr)
         return stop.exit_code
+    dist.close()
     if results is None:  # not the main process: the main process alone reports
         return 0
     out = Path(results["config"]["output_path"])
@@ -143,6 +155,13 @@ def cmd_run(argv: Sequence[str]) -> int:
                if (out / name).exists()] + sorted(p.name for p in out.glob("*.png") if p.name != "loss_vs_position.png")
     print(f"\nwrote {out}/{', '.join(written)}")
     return 0
+
+
+def default_output_path(args: argparse.Namespace) -> str:
+    """results/<models>__<tasks>, as the README says."""
+    from .runner import RunSpec
+
+    return str(RunSpec(models=split_top_level(args.model), tasks=split_top_level(args.tasks)).output_dir())
 
 
 def cmd_ls(argv: Sequence[str]) -> int:
@@ -204,10 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VerificationError as exc:
         print(f"ttt-bench: verification failed: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, KeyError, OSError) as exc:  # bad input, missing files, no network
+    except (ValueError, KeyError, OSError, ImportError) as exc:  # bad input, missing files or extras, no network
         from .registry import UnknownNameError
 
-        if isinstance(exc, KeyError) and not isinstance(exc, UnknownNameError):
+        from .trackers import MissingExtraError
+
+        if isinstance(exc, KeyError) and not isinstance(exc, UnknownNameError) or \
+                isinstance(exc, ImportError) and not isinstance(exc, MissingExtraError):
             raise
         print(f"ttt-bench: error: {exc}", file=sys.stderr)
         return 2

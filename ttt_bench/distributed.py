@@ -46,7 +46,8 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    state: Any = None
+    state: Any = None  # accelerate's PartialState, or None for a process group the caller owns
+    owns_group: bool = False  # close() leaves the process group (only when it was set up here)
 
     @classmethod
     def create(cls, device: str = "auto") -> "Dist":
@@ -63,7 +64,19 @@ class Dist:
         if device not in ("auto", "cpu") and state.num_processes > 1:
             logger.warning("--device %s ignored under accelerate launch: process %d uses %s", device,
                            state.process_index, chosen)
-        return cls(state.process_index, state.num_processes, chosen, state)
+        return cls(state.process_index, state.num_processes, chosen, state, owns_group=True)
+
+    @classmethod
+    def join(cls, device: torch.device, distributed: bool | None = None) -> "Dist":
+        """The caller's already initialised ``torch.distributed`` group (never set up or torn down
+        here), or this process alone when there is none or ``distributed`` is False."""
+        group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and not group:
+            raise ValueError("distributed=True but torch.distributed is not initialised; call "
+                             "torch.distributed.init_process_group first (or leave distributed unset)")
+        if distributed is False or not group or torch.distributed.get_world_size() == 1:
+            return cls(0, 1, torch.device(device))
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.device(device))
 
     @property
     def is_main(self) -> bool:
@@ -74,8 +87,12 @@ class Dist:
         return self.world_size > 1
 
     def barrier(self) -> None:
-        if self.distributed:
+        if not self.distributed:
+            return
+        if self.state is not None:
             self.state.wait_for_everyone()
+        else:
+            torch.distributed.barrier()
 
     @contextlib.contextmanager
     def local_main_first(self) -> Iterator[None]:
@@ -83,8 +100,16 @@ class Dist:
         if not self.distributed:
             yield
             return
-        with self.state.local_main_process_first():
-            yield
+        if self.state is not None:
+            with self.state.local_main_process_first():
+                yield
+            return
+        local_main = int(os.environ.get("LOCAL_RANK", self.rank)) == 0
+        if not local_main:
+            self.barrier()
+        yield
+        if local_main:
+            self.barrier()
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` on the main process (rank order); None elsewhere."""
@@ -103,9 +128,9 @@ class Dist:
         return box[0]
 
     def close(self) -> None:
-        """Wait for every process, then leave the process group (an open gloo group aborts the
-        interpreter at exit)."""
-        if self.distributed and torch.distributed.is_initialized():
+        """Wait for every process, then leave the process group if it was set up here (an open
+        gloo group aborts the interpreter at exit); a caller's group is left as it was."""
+        if self.distributed and self.owns_group and torch.distributed.is_initialized():
             self.barrier()
             torch.distributed.destroy_process_group()
 

@@ -518,20 +518,28 @@ def init_store(spec: RunSpec, tasks: dict[str, Any], dist: Dist, store: RecordSt
     dist.barrier()
 
 
-def evaluate(spec: RunSpec) -> dict[str, Any] | None:
+def evaluate(spec: RunSpec, scorers: dict[str, Any] | None = None, codec=None,
+             dist: Dist | None = None) -> dict[str, Any] | None:
     """Run every model on every task. Returns the results.json dict on the main process and None
     on the others; raises :class:`RunStopped` (after writing partial outputs) when the run was
-    interrupted or stopped by a failed document under ``--on_error fail``."""
+    interrupted or stopped by a failed document under ``--on_error fail``.
+
+    ``scorers`` (display name -> scorer, in ``spec.models`` order) and ``codec`` replace the ones
+    built from ``spec``; ``dist`` is the process group to use (default: join or start the one
+    of ``accelerate launch``, left again at the end). ``ttt_bench.simple_evaluate`` is the
+    public way in."""
     from .audio.codec import MimiCodec
 
     validate_spec(spec)
-    dist = Dist.create(spec.device)
+    dist = dist or Dist.create(spec.device)
     task_names, groups = expand_tasks(spec.tasks)
     tasks = {name: get_task(name, **spec.task_overrides) for name in task_names}
     out, store = open_store(spec, tasks, dist)
     torch.manual_seed(spec.seed)
-    scorers = build_scorers(spec, dist.device)
-    codec = MimiCodec.from_source(shared_source(scorers), device=dist.device)
+    if scorers is None:
+        scorers = build_scorers(spec, dist.device)
+    if codec is None:
+        codec = MimiCodec.from_source(shared_source(scorers), device=dist.device)
     plans = [plan_task(name, task, codec, scorers, spec, dist) for name, task in tasks.items()]
     verifications = verify_on_main(plans, spec, dist)
     init_store(spec, tasks, dist, store)
