@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from hf_cache import write_tiny_checkpoint_files
 from runner_fixtures import REPO, _assert_close, subprocess_env
+import ttt_bench
 from ttt_bench import simple_evaluate
 from ttt_bench.cli import main
 from ttt_bench.models.moshi import ModelSource, load_lm
@@ -103,6 +104,8 @@ def test_in_memory_model_gives_the_cli_metrics_and_is_left_as_found(checkpoint, 
     cli = json.loads((out / "results.json").read_text())
     _assert_close(first["results"], cli["results"], 1e-6, "simple_evaluate vs CLI")
     assert first["tasks"][TASK]["data"] == cli["tasks"][TASK]["data"]
+    assert first["versions"] == cli["versions"] == {TASK: 1}
+    assert first["ttt_bench_version"] == cli["ttt_bench_version"] == ttt_bench.__version__
 
 
 def test_output_path_writes_the_run_and_the_string_model_args_work(checkpoint, tmp_path):

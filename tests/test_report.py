@@ -205,3 +205,41 @@ def test_skipped_inputs_and_failed_documents_are_mentioned_under_the_table():
     assert "t: 1 input(s) skipped (first: a/b/c: empty file (0 bytes))" in text
     assert "t/legacy: 2 document(s) failed" in text and "ValueError: boom" in text
     assert "t/frozen" not in text
+
+
+def test_merging_runs_of_different_task_versions_is_refused_naming_them(tmp_path, capsys):
+    from ttt_bench.cli import main
+
+    records = synthetic_records()
+    v1 = results_json(records, make_run(records, versions={TASK: 1}))
+    v2 = results_json(records, make_run(records, versions={TASK: 2}))
+    dirs = [_write_run(tmp_path / "old", v1), _write_run(tmp_path / "new", v2)]
+    with pytest.raises(ValueError, match=rf"task '{TASK}': version 1 in .*old, version 2 in .*new"):
+        merge_runs(dirs)
+    assert main(["leaderboard", *map(str, dirs)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "version 1" in err and "version 2" in err and "--allow_version_mismatch" in err
+
+    merged = merge_runs(dirs, allow_version_mismatch=True)
+    names = [r.split("|")[1].strip() for r in merged.splitlines() if r.startswith("| ")][1:]
+    assert f"frozen [{TASK} v1]" in names and f"frozen [{TASK} v2]" in names
+    assert all(f"[{TASK} v" in name for name in names)  # every row of the task says its version
+    assert "runs of different task versions" in merged
+    same = merge_runs([dirs[0], _write_run(tmp_path / "again", v1)])  # one version: merged as before
+    assert f"{TASK} v1" not in same
+
+
+def test_every_shipped_task_config_has_a_version():
+    import yaml
+
+    from ttt_bench.config import ConfigError, TaskConfig
+    from ttt_bench.registry import task_config_files
+
+    for name, path in task_config_files().items():
+        data = yaml.safe_load(path.read_text())
+        if "group" in data:  # a group (salmon, ...) reports its members, each with its own version
+            continue
+        version = data.get("version")
+        assert isinstance(version, (int, float)) and not isinstance(version, bool), f"{path}: version {version!r}"
+    with pytest.raises(ConfigError, match="'version' must be a number"):
+        TaskConfig.from_dict({"task": "t", "version": "one"})

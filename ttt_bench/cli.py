@@ -189,8 +189,10 @@ def cmd_leaderboard(argv: Sequence[str]) -> int:
                                 description="Merge finished runs of the same task into one leaderboard.")
     p.add_argument("dirs", nargs="+", type=Path, help="run directories holding results.json")
     p.add_argument("--output", type=Path, default=None, help="also write the merged markdown here")
+    p.add_argument("--allow_version_mismatch", action="store_true",
+                   help="merge runs of different task versions anyway, marking each row with its version")
     args = p.parse_args(argv)
-    table = merge_runs(args.dirs)
+    table = merge_runs(args.dirs, allow_version_mismatch=args.allow_version_mismatch)
     print(table)
     if args.output:
         args.output.write_text(table)

@@ -32,6 +32,7 @@ class TaskConfig:
 
     task: str
     task_class: str = DEFAULT_TASK_CLASS
+    version: int | float | None = None  # raised whenever what the task measures changes
     description: str = ""
     source: dict[str, Any] = field(default_factory=dict)
     bootstrap_iters: int = 1000
@@ -81,6 +82,8 @@ class TaskConfig:
         for key, value, kind, expected in checks:
             if not isinstance(value, kind):
                 fail(key, expected, value)
+        if self.version is not None and (not isinstance(self.version, (int, float)) or isinstance(self.version, bool)):
+            fail("version", "a number (raise it whenever what the task measures changes)", self.version)
         check_positive_int(fail, self, "bootstrap_iters")
         if self.text_stream not in ("pad", "zero"):
             fail("text_stream", "'pad' or 'zero'", self.text_stream)

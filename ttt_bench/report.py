@@ -470,7 +470,32 @@ def check_compatible(task: str, ref: dict, ref_dir: Path, other: dict, other_dir
                     "same documents with the same stream layout are comparable")
 
 
-def _merge_into(merged: dict, run: dict, run_dir: Path, seen: dict) -> None:
+def task_version(run: dict, task: str) -> Any:
+    """The task's version a run was made with (None for runs from before versions existed)."""
+    if task in (run.get("versions") or {}):
+        return run["versions"][task]
+    return ((run.get("tasks") or {}).get(task, {}).get("config") or {}).get("version")
+
+
+def check_versions(runs: list[tuple[dict, Path]], allow_mismatch: bool) -> set[str]:
+    """The tasks run at different versions; raise ValueError naming them and their versions
+    unless ``allow_mismatch``."""
+    by_task: dict[str, dict[Any, list[str]]] = {}
+    for run, run_dir in runs:
+        for task in run.get("results", {}):
+            by_task.setdefault(task, {}).setdefault(task_version(run, task), []).append(str(run_dir))
+    mixed = {task: versions for task, versions in by_task.items() if len(versions) > 1}
+    if mixed and not allow_mismatch:
+        details = "; ".join(f"task {task!r}: " + ", ".join(f"version {v} in {', '.join(dirs)}"
+                                                           for v, dirs in versions.items())
+                            for task, versions in mixed.items())
+        raise ValueError(f"cannot merge runs of different task versions ({details}): they measure different "
+                         "things; compare runs of one version, or pass --allow_version_mismatch to show them "
+                         "together with each row marked by its version")
+    return set(mixed)
+
+
+def _merge_into(merged: dict, run: dict, run_dir: Path, seen: dict, mixed: set[str] = frozenset()) -> None:
     for task, models in run.get("results", {}).items():
         if task in seen:
             check_compatible(task, seen[task][0], seen[task][1], run, run_dir)
@@ -483,34 +508,45 @@ def _merge_into(merged: dict, run: dict, run_dir: Path, seen: dict) -> None:
         for model, m in models.items():
             info = (run.get("models") or {}).get(model, {})
             name = model
-            if model in target:
-                if merged["models"].get(model) == info:
+            if task in mixed:  # --allow_version_mismatch: every row of the task says its version
+                tag = f"[{task} v{task_version(run, task)}]"
+                name = f"{model} {tag}"
+                info = {**info, "label": f"{info.get('label') or model} {tag}"}
+            if name in target:
+                if merged["models"].get(name) == info:
                     merged["merge_notes"].append(f"{task}/{model}: also in {run_dir}; "
                                                  "the first run's row is shown")
                     continue
-                name = f"{model} [{run_dir.name}]"
-                info = {**info, "label": f"{info.get('label') or model} [{run_dir.name}]"}
+                info = {**info, "label": f"{info.get('label') or name} [{run_dir.name}]"}
+                name = f"{name} [{run_dir.name}]"
             target[name] = m
             merged["models"][name] = info
         if run.get("complete") is False:
             merged["merge_notes"].append(f"{run_dir} is an incomplete run")
 
 
-def merge_runs(dirs: list[Path]) -> str:
+def merge_runs(dirs: list[Path], allow_version_mismatch: bool = False) -> str:
     """``ttt-bench leaderboard DIR...``: one leaderboard over several runs' results.json.
 
     Runs are merged per task; a run whose documents (ids, source) or stream layout differ from
     the first run with that task is refused with ValueError naming both and the difference. A
     model present in several runs with the same options is shown once; with different options
-    each row gets its run directory's name. Deltas are those computed within each run.
+    each row gets its run directory's name. Deltas are those computed within each run. Runs of
+    different versions of a task are refused, naming the versions, unless
+    ``allow_version_mismatch`` (then each of that task's rows is marked with its version).
     """
     if not dirs:
         raise ValueError("ttt-bench leaderboard: give at least one run directory")
     merged: dict[str, Any] = {"models": {}, "tasks": {}, "metrics_config": {}, "baselines": {}, "results": {},
                               "merge_notes": []}
     seen: dict[str, tuple[dict, Path]] = {}
-    for d in dirs:
-        _merge_into(merged, load_results(Path(d)), Path(d), seen)
+    runs = [(load_results(Path(d)), Path(d)) for d in dirs]
+    mixed = check_versions(runs, allow_version_mismatch)
+    for task in sorted(mixed):
+        merged["merge_notes"].append(f"{task}: runs of different task versions, each row marked with its "
+                                     "version (--allow_version_mismatch); they are not comparable")
+    for run, run_dir in runs:
+        _merge_into(merged, run, run_dir, seen, mixed)
     merged["merge_notes"] = [n + "  " for n in merged["merge_notes"][:-1]] + \
         merged["merge_notes"][-1:]
     return render_leaderboard(merged)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from . import __version__
 from .batching import BatchScorer, auto_batch_size, iter_batches
 from .distributed import Dist, shard_by_length
 from .interrupt import Interrupted, SignalGuard, exit_code
@@ -472,6 +473,8 @@ def write_results(out: Path, spec: RunSpec, plans: list[TaskPlan], store: Record
         "baseline": spec.baseline or ("frozen" if "frozen" in spec.models else None),
         "group_subtasks": {name: list(g.task) for name, g in (groups or {}).items()},
         "group_metrics": {name: g.metrics for name, g in (groups or {}).items()},
+        "versions": {plan.name: plan.config.version for plan in plans},
+        "ttt_bench_version": __version__,
     }
     if not complete:
         run["resume_command"] = resume_command(spec, dist)
