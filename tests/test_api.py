@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from hf_cache import write_tiny_checkpoint_files
 from runner_fixtures import REPO, _assert_close, subprocess_env
 import ttt_bench
-from ttt_bench import simple_evaluate
+from ttt_bench import api, simple_evaluate
 from ttt_bench.cli import main
 from ttt_bench.models.moshi import ModelSource, load_lm
 
@@ -92,7 +92,10 @@ def test_in_memory_model_gives_the_cli_metrics_and_is_left_as_found(checkpoint, 
 
     first = evaluate_in_memory(lm, directory)
     assert_unchanged(lm, before)
+    [codec] = [c for (source, _), c in api._CODECS.items() if source.pretrained == str(directory)]
+    encoded = codec.n_encoded
     second = evaluate_in_memory(lm, directory)
+    assert codec.n_encoded == encoded  # the second call found every recording in the code cache
     assert_unchanged(lm, before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"] and not any(scratch.iterdir())  # nothing written
     assert first["config"]["output_path"] is None
@@ -140,7 +143,8 @@ assert dist.is_initialized(), "the caller's process group was torn down"
 alone = simple_evaluate(lm, "preset=tiny", [TASK], task_args=TASK_ARGS, limit=1, chunk_size=16, distributed=False)
 total = torch.tensor([1.0])
 dist.all_reduce(total)  # the group still works after the call
-json.dump({"rank": rank, "result": result, "ranks": total.item(), "alone": alone["num_processes"]}, open(f"{out}/rank{rank}.json", "w"))
+with open(f"{out}/rank{rank}.json", "w") as fh:
+    json.dump({"rank": rank, "result": result, "ranks": total.item(), "alone": alone["num_processes"]}, fh)
 dist.destroy_process_group()
 """
 
@@ -162,7 +166,8 @@ def test_every_rank_of_a_gloo_job_calls_it_and_rank0_gets_the_one_process_result
     two = got[0]["result"]
     assert two["num_processes"] == 2
 
-    one = simple_evaluate(trained_tiny_lm(), "preset=tiny", [TASK], task_args=TASK_ARGS, limit=3, chunk_size=16)
+    one = simple_evaluate(trained_tiny_lm(), "preset=tiny", [TASK], task_args=TASK_ARGS, limit=3,
+                          chunk_size=16)
     assert one["num_processes"] == 1 and two["results"][TASK]["model"]["n_docs"] == 3
     _assert_close(two["results"], one["results"], 1e-6, "2 ranks vs 1")
     assert two["tasks"][TASK]["data"] == one["tasks"][TASK]["data"]

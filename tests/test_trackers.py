@@ -17,7 +17,8 @@ from wandb_files import artifacts, history
 
 TASK = "librilight_sample"
 RUN = dict(model="frozen,dyneval", model_args="preset=tiny,dyneval.lr=1e-3", tasks=[TASK],
-           task_args={"max_frames": 80, "verify_loss_computation": False}, limit=1, chunk_size=16)
+           task_args={"max_frames": 80, "verify_loss_computation": False, "verify_causality": False},
+           limit=1, chunk_size=16)
 PREFIX = f"ttt_bench/{TASK}"
 
 
@@ -72,7 +73,8 @@ def test_wandb_logs_into_the_callers_run_at_its_step(tmp_path, wandb_offline):
 
 def test_wandb_args_start_and_finish_a_run(tmp_path, wandb_offline):
     assert main(["--model", "frozen", "--model_args", "preset=tiny", "--tasks", TASK, "--task_args",
-                 "max_frames=80,verify_loss_computation=false", "--limit", "1", "--chunk_size", "16",
+                 "max_frames=80,verify_loss_computation=false,verify_causality=false", "--limit", "1",
+                 "--chunk_size", "16",
                  "--output_path", str(tmp_path / "run"),
                  "--wandb_args", f"project=ttt-bench-test,name=cli-run,dir={tmp_path}"]) == 0
     wandb_offline.teardown()
@@ -108,7 +110,8 @@ def test_tensorboard_dir_from_the_cli(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert main(["--model", "frozen", "--model_args", "preset=tiny", "--tasks", TASK, "--task_args",
-                 "max_frames=80,verify_loss_computation=false", "--limit", "1", "--chunk_size", "16",
+                 "max_frames=80,verify_loss_computation=false,verify_causality=false", "--limit", "1",
+                 "--chunk_size", "16",
                  "--output_path", str(tmp_path / "run"), "--tensorboard_dir", str(tmp_path / "tb")]) == 0
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     assert f"{PREFIX}/frozen/mean_nll" in events.Tags()["scalars"]
