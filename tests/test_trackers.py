@@ -127,3 +127,16 @@ def test_a_missing_extra_is_one_line_saying_how_to_install_it(extra, flag, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f'pip install "ttt-bench[{extra}]"' in err
     assert not (tmp_path / "run").exists()
+
+
+def test_task_groups_are_logged_beside_their_members():
+    from ttt_bench.trackers import leaderboard_rows, scalars
+
+    results = {"results": {"salmon_rir_consistency": {"frozen": {"acc": 0.5, "n_pairs": 4, "flags": []}}},
+               "groups": {"salmon": {"frozen": {"acc": 0.625, "ci": {"acc": [0.5, 0.75]}}}}}
+    assert scalars(results) == {"ttt_bench/salmon_rir_consistency/frozen/acc": 0.5,
+                                "ttt_bench/salmon_rir_consistency/frozen/n_pairs": 4.0,
+                                "ttt_bench/salmon/frozen/acc": 0.625}
+    columns, rows = leaderboard_rows(results)
+    assert columns == ["task", "model", "acc", "n_pairs"]
+    assert rows == [["salmon_rir_consistency", "frozen", 0.5, 4.0], ["salmon", "frozen", 0.625, None]]

@@ -47,10 +47,11 @@ def _import(extra: str):
 
 
 def scalars(results: Mapping[str, Any]) -> dict[str, float]:
-    """Every numeric metric of every task and model (nested keys joined by '/'); booleans, lists
-    and non-finite values are left out."""
+    """Every numeric metric of every task (and task group) and model (nested keys joined by '/');
+    booleans, lists and non-finite values are left out."""
     out: dict[str, float] = {}
-    for task, models in (results.get("results") or {}).items():
+    tables = {**(results.get("results") or {}), **(results.get("groups") or {})}
+    for task, models in tables.items():
         for model, metrics in models.items():
             for path, value in _numbers(metrics):
                 out[f"{PREFIX}/{task}/{model}/{path}"] = value
@@ -67,10 +68,12 @@ def _numbers(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, f
 
 
 def leaderboard_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """One row per task and model: its top-level numeric metrics (columns in first-seen order)."""
+    """One row per task (and task group) and model: its top-level numeric metrics (columns in
+    first-seen order)."""
     rows = []
     columns: list[str] = []
-    for task, models in (results.get("results") or {}).items():
+    tables = {**(results.get("results") or {}), **(results.get("groups") or {})}
+    for task, models in tables.items():
         for model, metrics in models.items():
             values = {k: float(v) for k, v in metrics.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
