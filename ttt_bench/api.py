@@ -21,7 +21,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-CODEC_ARGS = ("mimi", "hf_repo", "pretrained", "preset")  # where an LMModel's Mimi comes from
+CODEC_ARGS = ("mimi", "preset", "pretrained", "seed")  # with moshi's loading arguments: an LMModel's Mimi
 _CODECS: dict[tuple, Any] = {}  # loaded Mimi codecs, so repeated calls in a training loop load once
 
 
@@ -104,20 +104,27 @@ def wrap_lm(lm) -> Any:
     return FrozenScorer(lm=lm)
 
 
+def codec_args() -> tuple[str, ...]:
+    """The model_args that say where an LMModel's Mimi comes from."""
+    from .models.checkpoints import LoadArgs
+
+    return CODEC_ARGS + LoadArgs.names()
+
+
 def codec_source(args: Mapping[str, Any], seed: int):
-    """The ModelSource whose Mimi encodes the audio for an LMModel: ``preset`` or
-    ``hf_repo``/``pretrained`` (moshiko's by default)."""
+    """The ModelSource whose Mimi encodes the audio for an LMModel: ``preset``, or moshi's loading
+    arguments (``hf_repo``, ``checkpoint``, ``mimi_weight``, ...; moshiko's by default)."""
     from .models.moshi import ModelSource
 
-    repo = args.get("hf_repo", args.get("pretrained"))
-    return ModelSource.make(preset=args.get("preset"), pretrained=repo, seed=int(args.get("seed", seed)))
+    load_args = {k: v for k, v in args.items() if k not in ("mimi", "seed")}
+    return ModelSource.make(seed=int(args.get("seed", seed)), **load_args)
 
 
 def load_codec(source, device: torch.device):
-    """The MimiCodec of ``source`` on ``device``, loaded once per process."""
+    """The MimiCodec of ``source`` on ``device``, loaded once per process (per Mimi, not per model)."""
     from .audio.codec import MimiCodec
 
-    key = (source, str(device))
+    key = (source.codec_identity(), str(device))
     if key not in _CODECS:
         _CODECS[key] = MimiCodec.from_source(source, device=device)
     return _CODECS[key]
@@ -135,14 +142,21 @@ def codec_for(entries: dict[str, Any], per_model: dict[str, dict[str, Any]], sco
                          "in separate calls")
     if mimis:
         return MimiCodec(next(iter(mimis.values())), device=device, cache=CodeCache(), label="mimi=<MimiModel>")
+    from .runner import shared_source
+
     sources = {name: getattr(s, "source", None) for name, s in scorers.items()}
     for name, entry in entries.items():
         if is_lm(entry) or sources[name] is None:
             sources[name] = codec_source(per_model[name], seed)
-    if len(set(sources.values())) > 1:
-        raise ValueError(f"models use different Mimi codecs: { {n: s.label for n, s in sources.items()} }; "
-                         "evaluate them in separate calls")
-    return load_codec(next(iter(sources.values())), device)
+    holders = {name: _SourceOf(source) for name, source in sources.items()}
+    return load_codec(shared_source(holders), device)
+
+
+class _SourceOf:
+    """What ``runner.shared_source`` reads of a scorer: its model source."""
+
+    def __init__(self, source):
+        self.source = source
 
 
 def build_scorers(entries: dict[str, Any], per_model: dict[str, dict[str, Any]], device: torch.device,
@@ -155,8 +169,6 @@ def build_scorers(entries: dict[str, Any], per_model: dict[str, dict[str, Any]],
         if isinstance(entry, str):
             kwargs = {k: v for k, v in args.items() if k != "mimi"}
             kwargs.setdefault("seed", seed)
-            if "hf_repo" in kwargs:
-                kwargs.setdefault("pretrained", kwargs.pop("hf_repo"))
             logger.info("loading model %s (%s) %s", name, entry, jsonable_args(kwargs))
             if "lm" in kwargs:  # the caller's LMModel: evaluated where and as it is
                 check_lm_device_dtype(name, kwargs["lm"], None, dtype)
@@ -278,7 +290,7 @@ def simple_evaluate(
     for name, entry in entries.items():
         if is_lm(entry):
             check_lm_device_dtype(name, entry, device, dtype)
-            per_model[name] = {k: v for k, v in per_model[name].items() if k in CODEC_ARGS + ("seed",)}
+            per_model[name] = {k: v for k, v in per_model[name].items() if k in codec_args()}
     lm_entries = [e for e in entries.values() if is_lm(e)]
     run_device = lm_device_dtype(lm_entries[0])[0] if lm_entries else resolve_device(device)
     dist = Dist.join(run_device, distributed)
