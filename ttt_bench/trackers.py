@@ -3,7 +3,7 @@ optional extras (``pip install "ttt-bench[wandb]"``, ``"ttt-bench[tensorboard]"`
 
 Both get every numeric metric as a scalar named ``ttt_bench/<task>/<model>/<metric>`` at the
 caller's training step, the loss-versus-position curves (x = position in frames) and the plot
-image; W&B also gets the leaderboard as a table and results.json as an artifact.
+images; W&B also gets the leaderboard as a table and results.json as an artifact.
 """
 
 from __future__ import annotations
@@ -128,9 +128,8 @@ def log_wandb(results: Mapping[str, Any], out_dir: Path, run: Any = None,
             data[f"{PREFIX}/{task}/loss_vs_position"] = wandb.plot.line_series(
                 xs=[models[m][0].tolist() for m in names], ys=[models[m][1].tolist() for m in names],
                 keys=names, title=f"{task}: mean NLL vs position", xname="position (frames)")
-        image = Path(out_dir) / "loss_vs_position.png"
-        if image.exists():
-            data[f"{PREFIX}/loss_vs_position"] = wandb.Image(str(image))
+        for image in sorted(Path(out_dir).glob("*.png")):  # loss_vs_position, and a task's own plots
+            data[f"{PREFIX}/{image.stem}"] = wandb.Image(str(image))
         run.log(data, step=step)
         artifact = wandb.Artifact(name=f"{PREFIX}-results", type="evaluation",
                                   metadata={"step": step, "tasks": list(results.get("results") or {})})
@@ -164,12 +163,11 @@ def log_tensorboard(results: Mapping[str, Any], out_dir: Path, writer: Any = Non
             for model, (xs, ys) in models.items():
                 for x, y in zip(xs.tolist(), ys.tolist()):
                     writer.add_scalar(f"{PREFIX}/{task}/{model}/loss_vs_position{suffix}", y, global_step=x)
-        image = Path(out_dir) / "loss_vs_position.png"
-        if image.exists():
+        for image in sorted(Path(out_dir).glob("*.png")):  # loss_vs_position, and a task's own plots
             import matplotlib.image
 
             pixels = matplotlib.image.imread(str(image))[..., :3]
-            writer.add_image(f"{PREFIX}/loss_vs_position", pixels, global_step=step, dataformats="HWC")
+            writer.add_image(f"{PREFIX}/{image.stem}", pixels, global_step=step, dataformats="HWC")
         board = Path(out_dir) / "leaderboard.md"
         if board.exists():
             writer.add_text(f"{PREFIX}/leaderboard", board.read_text(), global_step=step)
