@@ -140,8 +140,8 @@ import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[5])
 from test_api import trained_tiny_lm, TASK, TASK_ARGS
 from ttt_bench import simple_evaluate
-rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 lm = trained_tiny_lm()
 result = simple_evaluate(lm, "preset=tiny", [TASK], task_args=TASK_ARGS, limit=3, chunk_size=16)
 assert dist.is_initialized(), "the caller's process group was torn down"
@@ -155,11 +155,9 @@ dist.destroy_process_group()
 
 
 def test_every_rank_of_a_gloo_job_calls_it_and_rank0_gets_the_one_process_result(tmp_path):
-    from test_distributed import free_port
-
-    port = str(free_port())
+    store = str(tmp_path / "rendezvous")  # a file store: no TCP port another process could take first
     tests = str(Path(__file__).parent)
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(rank), "2", port, str(tmp_path), tests],
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(rank), "2", store, str(tmp_path), tests],
                               cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for rank in range(2)]
     for proc in procs:
