@@ -103,13 +103,18 @@ def lora_config_without_adapters(ckpt):
     return [f"config_path={ckpt / 'config.json'}"], "enables LoRA .* but no LoRA weights were given"
 
 
+def fuse_lora_not_a_bool(ckpt):
+    return [f"checkpoint={ckpt}", "fuse_lora=maybe"], "fuse_lora must be true or false, got 'maybe'"
+
+
 def missing_folder(ckpt):
     return [f"checkpoint={ckpt / 'nowhere'}"], "nowhere: no such folder"
 
 
 CASES = [missing_weights, truncated_lora, pickle_as_safetensors, pickle_weight_file, config_not_json,
          config_does_not_build, lora_of_another_rank, lora_keys_missing, lora_without_lora_config, only_a_pickle,
-         mimi_that_does_not_fit, lora_config_without_adapters, missing_folder]
+         mimi_that_does_not_fit, lora_config_without_adapters, fuse_lora_not_a_bool,
+         missing_folder]
 
 
 def truncated_full(ckpt):

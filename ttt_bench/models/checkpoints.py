@@ -56,6 +56,12 @@ class LoadArgs:
     fuse_lora: bool = True
     checkpoint: str | None = None
 
+    def __post_init__(self):
+        if isinstance(self.fuse_lora, str) and self.fuse_lora.lower() in ("true", "false"):
+            object.__setattr__(self, "fuse_lora", self.fuse_lora.lower() == "true")
+        if not isinstance(self.fuse_lora, bool):
+            raise ValueError(f"fuse_lora must be true or false, got {self.fuse_lora!r}")
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))

@@ -49,7 +49,17 @@ class FrozenScorer(StreamingScorer):
         else:
             self.source = ModelSource.make(preset=preset, pretrained=pretrained, seed=seed, **load_args)
             self.lm = load_lm(self.source, device=device or "cpu", dtype=dtype)
+            self.record_source()  # the files and their sha256, as loaded
         self.lm.eval()
+
+    def record_source(self) -> dict[str, Any] | None:
+        """What results.json says about ``self.source`` (its files with their sha256), taken once
+        per source: right after loading, so it describes the files that were loaded."""
+        if self.source is None:
+            return None
+        if getattr(self, "_recorded_source", None) is not self.source:
+            self._source_record, self._recorded_source = self.source.describe(), self.source
+        return self._source_record
 
     @property
     def info(self) -> ScorerInfo:
@@ -65,7 +75,7 @@ class FrozenScorer(StreamingScorer):
                    "dtype": str(self.lm.dtype).removeprefix("torch."),
                    "context": self.lm.context}
         if self.source is not None:
-            options["checkpoint"] = self.source.describe()
+            options["checkpoint"] = self.record_source()
         return options
 
     # -- scoring ---------------------------------------------------------------------------
