@@ -81,8 +81,8 @@ def test_hub_layouts_load_offline_as_pairs_of_documents(codec):
     assert len(docs) == 2 * N_BLIMP and len({d.n_frames for d in docs}) > 2  # clips of several lengths
     assert docs[0].meta["role"] == "positive" and docs[0].meta["source"] == "speed/sBLIMP[train]"
     salmon = get_task("salmon_rir_consistency").documents(codec, limit=1)
-    assert [d.doc_id for d in salmon] == ["10/positive", "10/negative"]  # ids from the `ind` column
-    assert salmon[0].meta["task"] == "rir_consistency"
+    assert [d.doc_id for d in salmon] == ["000000/positive", "000000/negative"]
+    assert salmon[0].meta["task"] == "rir_consistency" and salmon[0].meta["id"] == 10  # the `ind` column
     again = get_task("sblimp").documents(codec)  # second time: every clip from the code cache
     assert all(torch.equal(a.codes, b.codes) for a, b in zip(docs, again))
 
@@ -272,5 +272,5 @@ def test_the_bundled_zeroshot_sample_is_read_by_the_same_code(codec):
     assert len(rows) == 30 and sorted({r["type"] for r in rows}) == ["lexical", "story", "syntax"]
     assert all(r["positive"]["bytes"] != r["negative"]["bytes"] for r in rows)
     docs = task.documents(codec, limit=2)
-    assert [d.doc_id for d in docs] == ["0/positive", "0/negative", "1/positive", "1/negative"]
-    assert docs[0].meta["type"] == "lexical" and all(d.n_frames > 5 for d in docs)
+    assert [d.doc_id for d in docs] == ["000000/positive", "000000/negative", "000001/positive", "000001/negative"]
+    assert docs[0].meta["type"] == "lexical" and docs[2].meta["id"] == 1 and all(d.n_frames > 5 for d in docs)

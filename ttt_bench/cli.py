@@ -86,7 +86,7 @@ def run_parser() -> argparse.ArgumentParser:
                    help="k=v,... for every model (preset=tiny, hf_repo=REPO_OR_DIR, checkpoint=DIR, lora_weight=FILE, ...); "
                         "name.k=v for one model only (ttt.layers=[1,2])")
     p.add_argument("--task_args", default="", help="k=v,... overriding task config keys (max_frames=2000, ...)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N documents per task")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N documents per task (pairs for the pair tasks)")
     p.add_argument("--batch_size", type=batch_size_arg, default=1,
                    help="documents scored together (grouped by length), or 'auto': the largest that fits on the GPU")
     p.add_argument("--chunk_size", type=int, default=64, help="frames per streaming call (any value gives the same NLL)")

@@ -60,7 +60,7 @@ class PairTaskConfig(TaskConfig):
     task_class: str = "pair_likelihood"
     positive_column: str = "positive"
     negative_column: str = "negative"
-    id_column: str | None = None  # the pair's id (default: its row number)
+    id_column: str | None = None  # a column kept as the pair's "id" (pairs are named by row number)
     meta_columns: list[str] = field(default_factory=list)  # required, kept with each pair
     codebooks: str = "semantic"
     encode_batch_size: int = 16  # clips Mimi-encodes side by side
@@ -117,12 +117,9 @@ def load_rows(source: dict[str, Any], columns: Sequence[str], audio_columns: Seq
         ds = datasets.load_dataset(_local_or_as_is(source["path"]), source.get("name"),
                                    streaming=bool(source.get("streaming", False)),
                                    **{"split": "train", **kwargs})
-        found = list(ds.features) if ds.features is not None else None
-        rows = iter(ds)
-        if found is None:  # a stream whose schema is known only from its rows
-            first = next(rows, None)
-            found = list(first) if first is not None else []
-            rows = iter(([first] if first is not None else []) + list(rows))
+        if ds.features is None:  # a stream whose schema is known only once a row is read
+            ds = ds._resolve_features()
+        found = list(ds.features)
         missing = [c for c in columns if c not in found]
         if missing:
             raise ColumnsError(f"dataset {label}: columns found: {', '.join(found) or 'none'}; expected: "
@@ -204,8 +201,9 @@ class PairLikelihoodTask(Task):
     def _pairs(self) -> Iterator[tuple[str, dict[str, Any], list[_Clip]]]:
         c = self.config
         for index, row in enumerate(load_rows(c.source, c.columns, [c.positive_column, c.negative_column])):
-            pair_id = str(row[c.id_column]) if c.id_column else f"{index:06d}"
-            meta = {"pair": pair_id, "index": index, **{k: _plain(row[k]) for k in c.meta_columns}}
+            pair_id = f"{index:06d}"  # unique, whatever the dataset's own ids are
+            meta = {"pair": pair_id, **({"id": _plain(row[c.id_column])} if c.id_column else {}),
+                    **{k: _plain(row[k]) for k in c.meta_columns}}
             clips = [_Clip(f"{pair_id}/{role}", audio_bytes(row[column]))
                      for role, column in zip(ROLES, (c.positive_column, c.negative_column))]
             yield pair_id, meta, clips
