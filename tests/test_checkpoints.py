@@ -249,3 +249,20 @@ def test_cli_ttt_on_a_finetuned_base(lora_ckpt, tmp_path, capsys):
     assert scores["frozen"]["mean_nll"] != scores["ttt"]["mean_nll"]
     table = (out / "leaderboard.md").read_text()
     assert "frozen (run/checkpoint_000010 lora)" in table and "ttt (run/checkpoint_000010 lora)" in table
+
+
+def test_resume_refuses_model_files_that_changed(tmp_path, capsys):
+    """A resumed run continues with the same model, not a checkpoint saved again at its path."""
+    from ttt_bench.cli import main
+
+    folder = write_tiny_checkpoint_files(tmp_path / "base", seed=3)
+    out = tmp_path / "out"
+    args = ["--model", "frozen", "--model_args", f"hf_repo={folder}", "--tasks", "librilight_sample",
+            "--task_args", "max_frames=50", "--limit", "1", "--output_path", str(out)]
+    assert main(args) == 0
+    assert main([*args, "--resume"]) == 0
+    other = write_tiny_checkpoint_files(tmp_path / "other", seed=4)
+    (folder / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert "other model files (frozen.moshi_weights: the sha256 differs)" in capsys.readouterr().err

@@ -183,11 +183,30 @@ class RecordStore:
             f"--resume: {self.run_dir} was run with a different configuration ({details or 'config hash differs'}). "
             "Resume with the same flags, or start a new run with --output_path (or --overwrite).")
 
-    def write_config(self, config: dict[str, Any]) -> None:
+    def check_model_files(self, model_files: dict[str, dict[str, str]]) -> None:
+        """Refuse to continue a run whose models were loaded from files with other contents (a
+        checkpoint saved again at the same path, a Hub repo at a new revision): the documents
+        already scored would come from another model."""
+        path = self.root / RUN_FILE
+        if not path.exists():
+            return
+        recorded = json.loads(path.read_text()).get("model_files") or {}
+        changed = [f"{model}.{role}" for model, files in sorted(model_files.items())
+                   for role, sha in sorted(files.items())
+                   if model in recorded and recorded[model].get(role) not in (None, sha)]
+        if changed:
+            raise ConfigMismatchError(
+                f"--resume: {self.run_dir} was scored with other model files ({', '.join(changed)}: the sha256 "
+                "differs). Resume with the files of the interrupted run, or start a new run with --output_path "
+                "(or --overwrite).")
+
+    def write_config(self, config: dict[str, Any], model_files: dict[str, dict[str, str]] | None = None) -> None:
+        """model_files: model -> file role -> sha256, checked by ``check_model_files`` on resume."""
         path = self.root / RUN_FILE
         if path.exists():
             return
-        payload = {"config_hash": self.config_hash, "config": json.loads(canonical_json(config))}
+        payload = {"config_hash": self.config_hash, "config": json.loads(canonical_json(config)),
+                   "model_files": model_files or {}}
         atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
 
     # -- writing ------------------------------------------------------------------------------

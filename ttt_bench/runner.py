@@ -509,14 +509,27 @@ def open_store(spec: RunSpec, tasks: dict[str, Any], dist: Dist) -> tuple[Path, 
     return out, store
 
 
-def init_store(spec: RunSpec, tasks: dict[str, Any], dist: Dist, store: RecordStore) -> None:
-    """Create the output directory and write the run's config. Done once the documents are
-    loaded and verified, so a run that fails before scoring leaves no run behind. Every
-    process has checked (``open_store``) before the main process writes anything."""
+def model_files(scorers: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Model -> file role -> sha256 of the files each model was loaded from (none for presets
+    and models given in memory)."""
+    files = {}
+    for name, scorer in scorers.items():
+        loaded = getattr(scorer, "base", scorer)  # legacy scores its base model
+        record = loaded.record_source() if hasattr(loaded, "record_source") else None
+        files[name] = {role: f["sha256"] for role, f in ((record or {}).get("files") or {}).items()}
+    return files
+
+
+def init_store(spec: RunSpec, tasks: dict[str, Any], dist: Dist, store: RecordStore,
+               files: dict[str, dict[str, str]] | None = None) -> None:
+    """Create the output directory and write the run's config (and the sha256 of the models'
+    files). Done once the documents are loaded and verified, so a run that fails before scoring
+    leaves no run behind. Every process has checked (``open_store``) before the main process
+    writes anything."""
     dist.barrier()
     if dist.is_main:
         prepare_output_dir(spec)
-        store.write_config(hashed_config(spec, tasks))
+        store.write_config(hashed_config(spec, tasks), files)
         store.clear_stop()
     dist.barrier()
 
@@ -541,11 +554,14 @@ def evaluate(spec: RunSpec, scorers: dict[str, Any] | None = None, codec=None,
     torch.manual_seed(spec.seed)
     if scorers is None:
         scorers = build_scorers(spec, dist.device)
+    files = model_files(scorers)
+    if spec.resume:
+        store.check_model_files(files)
     if codec is None:
         codec = MimiCodec.from_source(shared_source(scorers), device=dist.device)
     plans = [plan_task(name, task, codec, scorers, spec, dist) for name, task in tasks.items()]
     verifications = verify_on_main(plans, spec, dist)
-    init_store(spec, tasks, dist, store)
+    init_store(spec, tasks, dist, store, files)
     done = dist.broadcast(set(store.load_done([k for p in plans for k in p.keys()])[0]) if dist.is_main else None)
     guard = SignalGuard()
     with guard.installed():
