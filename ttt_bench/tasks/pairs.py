@@ -114,9 +114,14 @@ def load_rows(source: dict[str, Any], columns: Sequence[str], audio_columns: Seq
     if source.get("data_dir"):
         kwargs["data_dir"] = _local_or_as_is(source["data_dir"])
     with reading(label):
-        ds = datasets.load_dataset(_local_or_as_is(source["path"]), source.get("name"),
-                                   streaming=bool(source.get("streaming", False)),
-                                   **{"split": "train", **kwargs})
+        try:
+            ds = datasets.load_dataset(_local_or_as_is(source["path"]), source.get("name"),
+                                       streaming=bool(source.get("streaming", False)),
+                                       **{"split": "train", **kwargs})
+        except (ConnectionError, FileNotFoundError) as exc:
+            raise type(exc)(f"dataset {label}: {exc}. Run once with network to download it (it is prepared in "
+                            "the datasets cache, which later runs read offline, HF_HUB_OFFLINE=1), or point "
+                            "the task's source.path at a local copy") from exc
         if ds.features is None:  # a stream whose schema is known only once a row is read
             ds = ds._resolve_features()
         found = list(ds.features)
