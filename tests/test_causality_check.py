@@ -30,7 +30,8 @@ class BlockPeekScorer(FrozenScorer):
         nll = super().score(codes, chunk_size, layout)
         t = torch.arange(codes.shape[-1])
         last = ((t // self.block + 1) * self.block - 1).clamp(max=codes.shape[-1] - 1)
-        return nll + 1e-4 * codes[:, :1, last].float() / self.lm.card
+        # >= 1e-3 / card (3.9e-6 nats) for any change of the block's last code: above the check's 1e-6
+        return nll + 1e-3 * codes[:, :1, last].float() / self.lm.card
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,14 @@ def codes():
 
 def test_probe_is_bounded_and_cuts_inside_chunks_and_mini_batches():
     assert causality_probe(30000, 64) == (128, 69)
-    assert causality_probe(90, 8) == (90, 50)
-    assert causality_probe(10, 64) == (10, 9)
+    assert causality_probe(90, 8) == (90, 45)
+    assert causality_probe(10, 64) == (10, 5)
     frames, start = causality_probe(25000, 256)
-    assert frames == 512 and all(start % b not in (0, 1) for b in (8, 16, 32, 64, 256))
+    assert frames == 512
+    # frame p enters at step p + 1: it must not open a block, nor be its second step
+    for n_frames in (30, 90, 100, 128, 300, 25000):
+        frames, start = causality_probe(n_frames, 64)
+        assert all((start + 1) % b not in (0, 1) for b in (4, 8, 16, 32, 64)), (n_frames, start)
 
 
 def test_perturbation_changes_every_code_from_the_cut_on(codes):
@@ -109,3 +114,23 @@ def test_verify_causality_false_skips_the_check(peeking_model, tmp_path):
     run = [*RUN[:-4], "--task_args", "max_frames=300,verify_causality=false", "--limit", "1"]
     assert main([*run, "--output_path", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["causality"] == {"librilight_sample": []}
+
+
+@pytest.mark.parametrize("n_frames,mini_batch", [(100, 4), (100, 8), (128, 16)])
+def test_the_probe_sees_a_mini_batch_look_ahead_at_any_document_length(n_frames, mini_batch):
+    """The moshi-finetune fork's causal=false TTT reads its mini-batch's future in the hidden state,
+    not in the loss itself: the probe's cut must fall where that shows (100 frames, C=4 or 8 used
+    to cut at a mini-batch start and miss it)."""
+    from conftest import tiny_lm
+
+    from ttt_bench.models.ttt import TTTScorer
+
+    codes = torch.randint(0, 256, (8, n_frames), generator=torch.Generator().manual_seed(1))
+    scorer = TTTScorer(lm=tiny_lm(context=32), arch="moshi_finetune_ttt", layers="all",
+                       mini_batch_size=mini_batch, base_lr=20.0, gate_init=0.5, causal=False)
+    with torch.no_grad():  # learning-rate gates and biases away from their zero init, as trained
+        for name, p in scorer.lm.named_parameters():
+            if ".seq_modeling_block." in name and name.endswith(("bias", "lr_weight")):
+                p.normal_(0.0, 0.3)
+    with pytest.raises(CausalityError, match="depends on later frames"):
+        verify_causality("fork", scorer, "doc", codes, 2 * mini_batch, StreamLayout())

@@ -91,10 +91,16 @@ class CausalityCheck:
 
 
 def causality_probe(n_frames: int, chunk_size: int) -> tuple[int, int]:
-    """(frames scored, first perturbed frame). The cut falls a few frames into a chunk and into
-    any power-of-two TTT mini-batch, so a chunk or mini-batch that sees its own future shows it."""
+    """(frames scored, first perturbed frame p).
+
+    Frame p first enters the model at input step p + 1, and the NLL of frame t comes from step t,
+    so a look-ahead inside a block of steps (a chunk, a TTT mini-batch) is only visible if that
+    block holds step p + 1 and some step < p. The cut puts p + 1 at offset 6 of every block of 8
+    steps, hence at an offset >= 2 of any power-of-two block of 4 or more steps."""
     frames = min(n_frames, max(2 * chunk_size, CAUSALITY_FRAMES))
-    return frames, max(1, min(frames - 1, frames // 2 + 5))
+    start = frames // 2 + 5
+    start -= (start + 1 - 6) % 8
+    return frames, max(1, min(frames - 1, start))
 
 
 def perturb_from(codes: torch.Tensor, start: int, card: int, seed: int = 0) -> torch.Tensor:
