@@ -48,7 +48,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 from moshi.utils.compile import no_compile
 from torch import nn
 
-from .ttt_layers import gelu_tanh_grad, head_layer_norm, head_layer_norm_l2_grad
+from .ttt_layers import TTTInputs, gelu_tanh_grad, head_layer_norm, head_layer_norm_l2_grad
 
 INNER_LN_EPS = 1e-8   # the LayerNorm of the inner model's output and of its loss
 TARGET_LN_EPS = 1e-5  # added to the unbiased std of the value target
@@ -120,35 +120,13 @@ def rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class ForkInputs:
-    """Per-token inputs of the inner loop, [B, nh, n, f] (eta [B, nh, n]), float32: q and k
-    L2-normalised but not yet rotated (rotation depends on the position in the mini-batch)."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    eta: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.q.shape[2]
-
-    def slice(self, start: int, end: int) -> "ForkInputs":
-        return ForkInputs(self.q[:, :, start:end], self.k[:, :, start:end], self.v[:, :, start:end],
-                          self.eta[:, :, start:end])
-
-    def cat(self, other: "ForkInputs") -> "ForkInputs":
-        return ForkInputs(*(torch.cat([a, b], dim=2) for a, b in
-                            zip((self.q, self.k, self.v, self.eta), (other.q, other.k, other.v, other.eta))))
-
-
-@dataclass
 class _ForkState(State):
     """Fast weights at the start of the current mini-batch (None: the layer's own), the inputs of
     the tokens already seen in it (None: at a boundary), and, for ``causal=False``, whether a
     partial (padded) mini-batch has ended the document."""
 
     weights: FastWeights | None = None
-    pending: ForkInputs | None = None
+    pending: TTTInputs | None = None
     ended: bool = False
 
     def reset(self, reset_mask: torch.Tensor) -> None:
@@ -198,7 +176,9 @@ class ForkTTT(StreamingModule[_ForkState]):
         return self.ttt_norm_weight.float().view(shape), self.ttt_norm_bias.float().view(shape)
 
     # -- inputs ------------------------------------------------------------------------
-    def project(self, x: torch.Tensor) -> ForkInputs:
+    def project(self, x: torch.Tensor) -> TTTInputs:
+        """Per-token inputs of the inner loop (float32): q and k L2-normalised, not yet rotated (the
+        rotation depends on the position in the mini-batch); ``lr`` the learning rate eta of each token."""
         B, T, _ = x.shape
         heads, f = self.config.num_heads, self.config.head_dim
 
@@ -208,7 +188,7 @@ class ForkTTT(StreamingModule[_ForkState]):
         gate = torch.einsum("btd,hd->bht", x.float(), self.learnable_ttt_lr_weight.float().view(heads, -1))
         gate = gate + self.learnable_ttt_lr_bias.float().view(1, heads, 1)
         eta = self.config.base_lr * torch.sigmoid(gate) / f / self.config.mini_batch_size
-        return ForkInputs(F.normalize(split(self.wq), dim=-1), F.normalize(split(self.wk), dim=-1),
+        return TTTInputs(F.normalize(split(self.wq), dim=-1), F.normalize(split(self.wk), dim=-1),
                           split(self.wv), eta)
 
     def value_target(self, v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -225,7 +205,7 @@ class ForkTTT(StreamingModule[_ForkState]):
         return rotate_pairs(x, rope_angles(self.config.head_dim, positions, self.config.rope_theta))
 
     # -- one mini-batch ----------------------------------------------------------------
-    def mini_batch(self, weights: FastWeights, mb: ForkInputs, first: int,
+    def mini_batch(self, weights: FastWeights, mb: TTTInputs, first: int,
                    complete: bool) -> tuple[torch.Tensor, FastWeights]:
         """Outputs [B, nh, n - first, f] of tokens first..n-1 of the mini-batch ``mb`` (its first n
         tokens so far), and the weights after it if ``complete`` (else ``weights``)."""
@@ -243,7 +223,7 @@ class ForkTTT(StreamingModule[_ForkState]):
             upstream = grads[0] @ weights[index + 1][0].transpose(-1, -2)
             grads.insert(0, upstream * gelu_tanh_grad(pre_activations[index]))
 
-        coeff = self.config.update_multiplier * self.step_coefficients(mb.eta, first)
+        coeff = self.config.update_multiplier * self.step_coefficients(mb.lr, first)
         x_bar = q[:, :, first:]
         for index, (W, b) in enumerate(weights):
             similarity = x_bar @ layer_inputs[index].transpose(-1, -2) + 1.0
@@ -252,7 +232,7 @@ class ForkTTT(StreamingModule[_ForkState]):
         out = q[:, :, first:] + head_layer_norm(x_bar, ln_w, ln_b, eps=INNER_LN_EPS)
         if not complete:
             return out, weights
-        step = mb.eta.unsqueeze(-1)
+        step = mb.lr.unsqueeze(-1)
         return out, [(W - (step * x).transpose(-1, -2) @ g, b - (step * g).sum(dim=-2, keepdim=True))
                      for (W, b), x, g in zip(weights, layer_inputs, grads)]
 
