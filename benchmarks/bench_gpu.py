@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), resolve_dtype(args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_gpu: no CUDA device here; run with --device cpu --quick for a smoke run")
+        print("bench_gpu: no CUDA device here; run with --device cpu --quick for a smoke run", file=sys.stderr)
+        raise SystemExit(2)
     print(f"bench_gpu on {device_name(device)}, {str(dtype).removeprefix('torch.')}, "
           f"{'tiny preset shape' if args.quick else 'Moshi 7B shape (moshi default config)'}, random weights, "
           f"{args.repeats} rounds\n{machine_line()}")
