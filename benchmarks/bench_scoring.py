@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunks", default=None, help="chunk sizes for (b) (default 64,128,256,512; quick 8,16,32)")
     parser.add_argument("--head_chunk", type=int, default=None, help="chunk size for (b') (default 256; quick 16)")
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 5; quick 2)")
+    parser.add_argument("--step_frames", type=int, default=None, help="stream for (a) (default 300)")
+    parser.add_argument("--frames", type=int, default=None, help="stream for (b) (default 4000)")
+    parser.add_argument("--forward_frames", type=int, default=None, help="stream for (c) (default 1000)")
+    parser.add_argument("--check_frames", type=int, default=None,
+                        help="stream of the exactness check at context 200 (default 500; 0 skips it)")
+    parser.add_argument("--skip_memory", action="store_true", help="skip the peak-memory probes")
     parser.add_argument("--memory-probe", nargs=2, type=int, metavar=("T", "CHUNK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.chunks = [int(c) for c in (args.chunks or ("8,16,32" if args.quick else "64,128,256,512")).split(",")]
@@ -83,8 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_probe:
         print(memory_probe(*args.memory_probe, quick=args.quick))
         return
+    n = dict(QUICK if args.quick else FULL)
+    for key, value in (("step", args.step_frames), ("long", args.frames), ("forward", args.forward_frames),
+                       ("check", args.check_frames)):
+        if value is not None:
+            n[key] = value
     with torch.no_grad(), cpu_no_compile(torch.device("cpu")):  # as the scorer runs on a CPU
-        run(args, QUICK if args.quick else FULL)
+        run(args, n)
 
 
 def run(args: argparse.Namespace, n: dict[str, int]) -> None:
@@ -116,13 +127,15 @@ def run(args: argparse.Namespace, n: dict[str, int]) -> None:
 
     head_diff = float((scorer.score(long_codes, chunk_size=args.head_chunk)
                        - with_head.score(long_codes, chunk_size=args.head_chunk)).nan_to_num().abs().max())
-    short = FrozenScorer(lm=bench_lm(context=n["check_context"], quick=args.quick))
-    check_codes = codes_of(n["check"], lm.card, seed=1)
-    reference = stepwise_nll(short.lm, check_codes)
-    diff = max(float((short.score(check_codes, chunk_size=c) - reference).nan_to_num().abs().max())
-               for c in (1, args.chunks[0], best))
-    mem_short = peak_scoring_memory_mb(n["memory_short"], best, args.quick)
-    mem_long = peak_scoring_memory_mb(n["long"], best, args.quick)
+    if n["check"]:
+        short = FrozenScorer(lm=bench_lm(context=n["check_context"], quick=args.quick))
+        check_codes = codes_of(n["check"], lm.card, seed=1)
+        reference = stepwise_nll(short.lm, check_codes)
+        diff = max(float((short.score(check_codes, chunk_size=c) - reference).nan_to_num().abs().max())
+                   for c in (1, args.chunks[0], best))
+    if not args.skip_memory:
+        mem_short = peak_scoring_memory_mb(n["memory_short"], best, args.quick)
+        mem_long = peak_scoring_memory_mb(n["long"], best, args.quick)
 
     print("\n== summary (median over rounds of the ratio within a round; min-max over rounds) ==")
     print(f"best chunk size: {best}")
@@ -134,10 +147,12 @@ def run(args: argparse.Namespace, n: dict[str, int]) -> None:
           f"{format_ratio(paired_ratio(speeds, f'chunk {args.head_chunk}', 'text head'))}   "
           f"max |NLL diff| {head_diff:.1e} (must be 0)" if f"chunk {args.head_chunk}" in speeds else
           f"b/b': add {args.head_chunk} to --chunks for this ratio; max |NLL diff| {head_diff:.1e} (must be 0)")
-    print(f"max |NLL diff| chunked vs frame-by-frame, context {short.lm.context}, {n['check']} frames, "
-          f"chunks 1/{args.chunks[0]}/{best}: {diff:.2e}   (target <= 1e-4)")
-    print(f"peak RSS growth while scoring (less the output): T={n['memory_short']} {mem_short:.1f} MiB, "
-          f"T={n['long']} {mem_long:.1f} MiB   (target: does not grow with T)")
+    if n["check"]:
+        print(f"max |NLL diff| chunked vs frame-by-frame, context {short.lm.context}, {n['check']} frames, "
+              f"chunks 1/{args.chunks[0]}/{best}: {diff:.2e}   (target <= 1e-4)")
+    if not args.skip_memory:
+        print(f"peak RSS growth while scoring (less the output): T={n['memory_short']} {mem_short:.1f} MiB, "
+              f"T={n['long']} {mem_long:.1f} MiB   (target: does not grow with T)")
     if head_diff != 0.0:
         raise SystemExit(f"skipping the text head changed the NLL by {head_diff:.2e}: it must not change it at all")
 
