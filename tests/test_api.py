@@ -1,5 +1,5 @@
 """``simple_evaluate`` on a model in memory: the CLI's numbers, the model and the random number
-generators left exactly as found (DESIGN.md invariant 10), nothing written without
+generators left exactly as found (docs/design.md invariant 10), nothing written without
 ``output_path``, and inside a 2-process gloo ``torch.distributed`` job."""
 
 from __future__ import annotations

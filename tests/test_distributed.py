@@ -1,6 +1,6 @@
 """``accelerate launch`` with 2 CPU processes (gloo) on the packaged sample with the tiny preset:
 the same metrics and curves as one process, every document scored exactly once, and a resume
-may use a different number of processes (DESIGN.md invariant 4).
+may use a different number of processes (docs/design.md invariant 4).
 
 On a machine without GPUs, ``accelerate launch --multi_gpu --num_processes 2`` starts 2 CPU
 processes over gloo (``--cpu --num_processes 2`` starts only one, without an MPI hostfile).

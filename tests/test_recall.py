@@ -1,4 +1,4 @@
-"""The recall task (DESIGN.md invariant 7): memory is measured, not assumed. A model whose only
+"""The recall task (docs/design.md invariant 7): memory is measured, not assumed. A model whose only
 memory is attention gains nothing from a repeat past its attention's reach (exactly); inside the
 reach it copies what it sees; a model that learns while it listens gains past the reach."""
 

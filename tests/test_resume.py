@@ -1,6 +1,6 @@
 """Interrupt a real ttt-bench process part-way (SIGINT, and separately SIGKILL), then --resume:
 the final results equal an uninterrupted run, no finished document is scored again, and records
-damaged by the kill are detected and redone (DESIGN.md invariant 6)."""
+damaged by the kill are detected and redone (docs/design.md invariant 6)."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def test_chunk_larger_than_context_is_exact(setup, lm32):
 
 
 def test_naive_ring_cache_diverges_past_context(setup, monkeypatch):
-    """The trap of DESIGN.md is real: without the wider ring, chunks lose keys once it wraps."""
+    """The trap of docs/design.md is real: without the wider ring, chunks lose keys once it wraps."""
     import ttt_bench.models.frozen as frozen
 
     scorer, codes, reference = setup

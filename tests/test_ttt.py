@@ -1,4 +1,4 @@
-"""The ttt adapter (invariants 2, 3, 5 of DESIGN.md), its reset, and TTT checkpoints."""
+"""The ttt adapter (invariants 2, 3, 5 of docs/design.md), its reset, and TTT checkpoints."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ def list_models() -> list[str]:
 
 
 def get_model(name: str, **kwargs) -> Any:
-    """Build the scorer registered as ``name`` with ``kwargs`` (see DESIGN.md, Contract)."""
+    """Build the scorer registered as ``name`` with ``kwargs`` (see docs/design.md, Contract)."""
     _load_builtins()
     if name not in _MODELS:
         raise _unknown("model", name, list(_MODELS))

@@ -218,7 +218,7 @@ RESULT_KEYS = ("models", "model_args", "tasks", "task_overrides", "limit", "dtyp
 def hashed_config(spec: RunSpec, tasks: dict[str, Any]) -> dict[str, Any]:
     """What the persisted records depend on; ``--resume`` refuses a run where any of it differs.
     Batch size, device and the number of processes are left out: they never change a document's
-    NLL (DESIGN.md invariant 4), so a run can be resumed with a smaller batch or more GPUs."""
+    NLL (docs/design.md invariant 4), so a run can be resumed with a smaller batch or more GPUs."""
     config = {key: getattr(spec, key) for key in RESULT_KEYS}
     config["task_configs"] = {name: {k: v for k, v in task.config.to_dict().items() if k != "config_path"}
                               for name, task in tasks.items()}

@@ -1,4 +1,4 @@
-"""The scorer contract every model adapter implements (DESIGN.md, "Contract")."""
+"""The scorer contract every model adapter implements (docs/design.md, "Contract")."""
 
 from __future__ import annotations
 

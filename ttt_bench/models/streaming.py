@@ -1,4 +1,4 @@
-"""Chunked teacher-forced scoring of Moshi in streaming mode (DESIGN.md, "Fast and exact").
+"""Chunked teacher-forced scoring of Moshi in streaming mode (docs/design.md, "Fast and exact").
 
 The recording goes on the model's own audio stream. The main transformer runs in moshi
 streaming mode, fed C frames per call through ``lm.forward_text``; the depformer scores the C
