@@ -1,6 +1,6 @@
 """ttt-bench: long-context streaming evaluation of Moshi (frozen and TTT) on LibriLight."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def __getattr__(name: str):

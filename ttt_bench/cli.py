@@ -15,107 +15,90 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .options import (BY_NAME, CLI_OPTIONS, Option, default_output_dir, parse_kv, parse_value,  # noqa: F401
+                      read_config_file, split_top_level)
+
 logger = logging.getLogger("ttt_bench")
 
-SUBCOMMANDS = ("run", "ls", "leaderboard", "cache")
+SUBCOMMANDS = ("run", "ls", "validate", "leaderboard", "cache")
 
 
-def parse_value(text: str) -> Any:
-    """Typed value of a ``k=v`` argument: int, float, bool, null, [list], else the string."""
-    import yaml
-
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    if text.startswith("[") and text.endswith("]"):
-        return [parse_value(str(v)) for v in yaml.safe_load(text)]
-    return text
-
-
-def split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside brackets (so ``layers=[1,2],inner=mlp`` works)."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += char == "["
-        depth -= char == "]"
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return [p for p in (p.strip() for p in parts) if p]
-
-
-def parse_kv(text: str | None, flag: str) -> dict[str, Any]:
-    result = {}
-    for item in split_top_level(text or ""):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{flag} expects key=value pairs separated by commas, got {item!r}")
-        result[key.strip()] = parse_value(value.strip())
-    return result
-
-
-def batch_size_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
-
-
-def run_parser() -> argparse.ArgumentParser:
+def run_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The flags of a run, made from ``options.OPTIONS`` (``defaults``: a --config file's values)."""
     p = argparse.ArgumentParser(
         prog="ttt-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Evaluate streaming speech LMs (Moshi, frozen or with TTT layers) on long recordings. "
-                    "Other commands: 'ttt-bench ls tasks|models', 'ttt-bench leaderboard DIR...', "
-                    "'ttt-bench cache info|clear'.")
-    p.add_argument("--model", required=True,
+                    "Other commands: 'ttt-bench ls tasks|models', 'ttt-bench validate TASK|FILE...', "
+                    "'ttt-bench leaderboard DIR...', 'ttt-bench cache info|clear'.")
+    p.add_argument("--config", default=None, help="a YAML file of these options (flags given here override it)")
+    p.add_argument("--model", default=None,
                    help="model adapter(s), comma-separated, evaluated on the same documents (see 'ttt-bench ls models')")
-    p.add_argument("--tasks", required=True, help="task(s), comma-separated (see 'ttt-bench ls tasks')")
+    p.add_argument("--tasks", default=None, help="task(s), comma-separated (see 'ttt-bench ls tasks')")
     p.add_argument("--model_args", default="",
                    help="k=v,... for every model (preset=tiny, hf_repo=REPO_OR_DIR, checkpoint=DIR, lora_weight=FILE, ...); "
                         "name.k=v for one model only (ttt.layers=[1,2])")
-    p.add_argument("--task_args", default="", help="k=v,... overriding task config keys (max_frames=2000, ...)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N documents per task (pairs for the pair tasks)")
-    p.add_argument("--batch_size", type=batch_size_arg, default=1,
-                   help="documents scored together (grouped by length), or 'auto': the largest that fits on the GPU")
-    p.add_argument("--chunk_size", type=int, default=64, help="frames per streaming call (any value gives the same NLL)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    p.add_argument("--seed", type=int, default=0, help="seed for random presets and the bootstrap")
-    p.add_argument("--output_path", default=None, help="run directory (default: results/<models>__<tasks>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output_path")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output_path")
-    p.add_argument("--include_path", action="append", default=[],
-                   help="directory of extra YAML task configs (repeatable)")
-    p.add_argument("--baseline", default=None, help="model the deltas compare to (default: frozen when present)")
-    p.add_argument("--strict", action="store_true", help="fail the run when a sanity flag is raised")
-    p.add_argument("--on_bad_input", default="skip", choices=["skip", "fail"],
-                   help="unreadable, empty or too-short audio: skip it (reported) or fail")
-    p.add_argument("--on_error", default="skip", choices=["skip", "fail"],
-                   help="a document that fails (out of memory, model error, non-finite loss under --strict): "
-                        "record it and go on (skip), or stop after saving everything done (fail)")
-    p.add_argument("--allow_lookahead", action="store_true",
-                   help="measure a model whose loss depends on later frames (it fails the causality check "
-                        "otherwise, exit 3) and flag its rows 'lookahead'")
-    p.add_argument("--wandb_args", default=None,
-                   help="k=v,... passed to wandb.init (project=...,name=...): also log the results to "
-                        "Weights & Biases (pip install \"ttt-bench[wandb]\")")
-    p.add_argument("--tensorboard_dir", default=None,
-                   help="also log the results to TensorBoard event files in this directory "
-                        "(pip install \"ttt-bench[tensorboard]\")")
+    for option in CLI_OPTIONS:
+        if option.switch:
+            p.add_argument(option.flag, action="store_true", help=option.help)
+        elif option.repeat:
+            p.add_argument(option.flag, action="append", default=None, help=option.help)
+        else:
+            p.add_argument(option.flag, default=option.default, type=_flag_type(option), choices=option.choices,
+                           help=option.help)
     p.add_argument("--verbosity", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    if defaults:
+        p.set_defaults(**defaults)
     return p
+
+
+def _flag_type(option: Option):
+    if option.parse is None or option.name in ("task_args", "wandb_args"):  # parsed with the other k=v text
+        return None
+
+    def parse(text: str) -> Any:
+        try:
+            return option.check(parse_value(text) if option.name != "batch_size" or text != "auto" else text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{option.name}: ")) from None
+
+    parse.__name__ = option.name
+    return parse
+
+
+def parse_run_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The run's flags over a ``--config`` file's values (a flag given on the command line wins)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    defaults = config_defaults(read_config_file(known.config)) if known.config else None
+    parser = run_parser(defaults)
+    args = parser.parse_args(argv)
+    for required in ("model", "tasks"):
+        if not getattr(args, required):
+            parser.error(f"--{required} is required (on the command line or in --config)")
+    return args
+
+
+def config_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A --config file's values as the flags' values: lists and mappings as the flags write them."""
+    out = {}
+    for key, value in data.items():
+        if key in ("model", "tasks") and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif key in ("model_args", "task_args", "wandb_args") and isinstance(value, dict):
+            value = ",".join(f"{k}={_kv_text(v)}" for k, v in value.items())
+        elif key == "include_path":
+            value = value if isinstance(value, list) else [value]
+        elif key in BY_NAME and value is not None:
+            value = BY_NAME[key].check(value)
+        out[key] = value
+    return out
+
+
+def _kv_text(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(_kv_text(v) for v in value) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def cmd_run(argv: Sequence[str]) -> int:
@@ -123,22 +106,18 @@ def cmd_run(argv: Sequence[str]) -> int:
     from .distributed import Dist
     from .runner import RunStopped
 
-    args = run_parser().parse_args(argv)
+    args = parse_run_args(argv)
     logging.basicConfig(level=args.verbosity, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_args = parse_kv(args.model_args, "--model_args")
-    task_args = parse_kv(args.task_args, "--task_args")
-    wandb_args = parse_kv(args.wandb_args, "--wandb_args") if args.wandb_args is not None else None
+    options = {o.name: getattr(args, o.name) for o in CLI_OPTIONS}
+    options["task_args"] = parse_kv(args.task_args, "--task_args")
+    options["wandb_args"] = parse_kv(args.wandb_args, "--wandb_args") if args.wandb_args is not None else None
+    models, tasks = split_top_level(args.model), split_top_level(args.tasks)
+    options["output_path"] = args.output_path or str(default_output_dir(models, tasks))
     dist = Dist.create(args.device)  # joins the process group of `accelerate launch`, if any
     try:
-        results = simple_evaluate(
-            model=split_top_level(args.model), model_args=model_args, tasks=split_top_level(args.tasks),
-            task_args=task_args, include_path=args.include_path, limit=args.limit, batch_size=args.batch_size,
-            chunk_size=args.chunk_size, device=str(dist.device), dtype=args.dtype, seed=args.seed,
-            output_path=args.output_path or default_output_path(args), overwrite=args.overwrite,
-            resume=args.resume, baseline=args.baseline, strict=args.strict, on_bad_input=args.on_bad_input,
-            on_error=args.on_error, allow_lookahead=args.allow_lookahead, wandb_args=wandb_args,
-            tensorboard_dir=args.tensorboard_dir,
-            command=shlex.join(["ttt-bench", *argv]))
+        results = simple_evaluate(models, parse_kv(args.model_args, "--model_args"), tasks,
+                                  **{**options, "device": str(dist.device)},
+                                  command=shlex.join(["ttt-bench", *argv]))
     except RunStopped as stop:
         dist.close()
         if stop.is_main:
@@ -157,29 +136,112 @@ def cmd_run(argv: Sequence[str]) -> int:
     return 0
 
 
-def default_output_path(args: argparse.Namespace) -> str:
-    """results/<models>__<tasks>, as the README says."""
-    from .runner import RunSpec
-
-    return str(RunSpec(models=split_top_level(args.model), tasks=split_top_level(args.tasks)).output_dir())
-
-
 def cmd_ls(argv: Sequence[str]) -> int:
-    from .registry import add_task_config_dir, list_models, list_tasks, task_config_files
+    from .registry import add_task_config_dir, list_models, list_tasks
 
-    p = argparse.ArgumentParser(prog="ttt-bench ls", description="List registered tasks or models.")
+    p = argparse.ArgumentParser(prog="ttt-bench ls", description="List the runnable tasks or the models, each "
+                                "with a one-line description and whether it needs the Hugging Face Hub.")
     p.add_argument("what", choices=["tasks", "models"])
     p.add_argument("--include_path", action="append", default=[], help="directory of extra YAML task configs")
     args = p.parse_args(argv)
     for path in args.include_path:
         add_task_config_dir(path)
-    if args.what == "models":
-        print("\n".join(list_models()))
-    else:
-        files = task_config_files()
-        for name in list_tasks():
-            print(f"{name}\t{files[name] if name in files else '(task class defaults)'}")
+    names = list_models() if args.what == "models" else list_tasks()
+    rows = [(name, *(model_summary(name) if args.what == "models" else task_summary(name))) for name in names]
+    width = max(len(name) for name, _, _ in rows)
+    for name, hub, line in rows:
+        print(f"{name:<{width}}  {hub:<7}  {line}")
     return 0
+
+
+def first_sentence(text: str, limit: int = 90) -> str:
+    line = " ".join((text or "").split())
+    line = line.split(". ")[0].rstrip(".")
+    return line if len(line) <= limit else line[:limit - 3].rstrip() + "..."
+
+
+def task_summary(name: str) -> tuple[str, str]:
+    """("Hub" or "offline", one line) of a task, from its config alone (nothing is loaded)."""
+    from .audio.sources import resolve_path
+    from .config import is_group_file, read_yaml
+    from .registry import get_task_class, task_config_files
+
+    path = task_config_files().get(name)
+    if path is None:  # a standalone task class
+        cls = get_task_class(name)
+        return "offline", first_sentence(cls.__doc__ or "")
+    data = read_yaml(path)
+    if is_group_file(path):
+        members = [task_summary(member)[0] for member in data.get("task", [])]
+        return ("Hub" if "Hub" in members else "offline"), first_sentence(data.get("description") or
+                                                                          f"group of {', '.join(data['task'])}")
+    source = data.get("source") or {}
+    try:
+        local = source.get("type") != "webdataset" and not source.get("repo") and \
+            bool(source.get("path")) and resolve_path(source["path"]).exists()
+    except FileNotFoundError:
+        local = False
+    return ("offline" if local else "Hub"), first_sentence(data.get("description", ""))
+
+
+def model_summary(name: str) -> tuple[str, str]:
+    """("Hub" or "offline", one line) of a model adapter: built-in ones load moshiko from the
+    Hub unless given preset=tiny or a local hf_repo/checkpoint."""
+    from .registry import model_factory
+
+    factory = model_factory(name)
+    doc = first_sentence((factory.__doc__ or "").strip())
+    return "Hub", f"{doc} (offline: preset=tiny or a local hf_repo=/checkpoint=)"
+
+
+def cmd_validate(argv: Sequence[str]) -> int:
+    """Check task configs without loading a model or audio: one line per problem, exit 2."""
+    from .config import ConfigError
+    from .registry import add_task_config_dir, expand_tasks, get_task, list_tasks, task_config_files
+
+    p = argparse.ArgumentParser(prog="ttt-bench validate", description="Check task configs (names, YAML files, "
+                                "--include_path folders) without loading a model or audio.")
+    p.add_argument("targets", nargs="*", help="task names or YAML files (default: every task found)")
+    p.add_argument("--include_path", action="append", default=[], help="directory of extra YAML task configs")
+    args = p.parse_args(argv)
+    problems: list[str] = []
+    for path in args.include_path:
+        try:
+            add_task_config_dir(path)
+        except OSError as exc:
+            problems.append(str(exc))
+    targets = args.targets or (list_tasks() if not args.include_path else
+                               [n for n, f in task_config_files().items()
+                                if any(Path(d).resolve() in f.resolve().parents for d in args.include_path)])
+    checked = 0
+    for target in targets:
+        try:
+            if target.endswith((".yaml", ".yml")) or Path(target).is_file():
+                validate_file(Path(target))
+            else:
+                for name in expand_tasks([target])[0]:
+                    get_task(name)
+            checked += 1
+        except (ConfigError, ValueError, KeyError, OSError) as exc:
+            problems.append(str(exc).strip("'\""))
+    for problem in problems:
+        print(f"ttt-bench validate: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{checked} task config(s) valid")
+    return 2 if problems else 0
+
+
+def validate_file(path: Path) -> None:
+    from .config import ConfigError, TaskConfig, is_group_file, load_group_config, read_yaml
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    if is_group_file(path):
+        load_group_config(path)
+        return
+    data = read_yaml(path)
+    data.setdefault("task", path.stem)
+    TaskConfig.from_dict(data, source=str(path))
 
 
 def cmd_leaderboard(argv: Sequence[str]) -> int:
@@ -219,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = argv[1:] if argv and argv[0] in SUBCOMMANDS else argv
     from .verify import VerificationError
 
-    handlers = {"run": cmd_run, "ls": cmd_ls, "leaderboard": cmd_leaderboard, "cache": cmd_cache}
+    handlers = {"run": cmd_run, "ls": cmd_ls, "validate": cmd_validate, "leaderboard": cmd_leaderboard,
+                "cache": cmd_cache}
     try:
         return handlers[command](rest)
     except VerificationError as exc:
@@ -227,7 +290,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except (ValueError, KeyError, OSError, ImportError) as exc:  # bad input, missing files or extras, no network
         from .registry import UnknownNameError
-
         from .trackers import MissingExtraError
 
         if isinstance(exc, KeyError) and not isinstance(exc, UnknownNameError) or \

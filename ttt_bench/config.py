@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import yaml
 
+from .options import yaml_error_line
+
 
 class ConfigError(ValueError):
     """A task config that is not valid; the message names the file, the key and what was expected."""
@@ -201,7 +203,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: {yaml_error_line(exc)}") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
     if not isinstance(data, dict):
