@@ -8,6 +8,8 @@ YAML files (data only) found in the built-in ``task_configs/`` and any ``--inclu
 from __future__ import annotations
 
 import difflib
+import importlib
+import inspect
 import logging
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -27,7 +29,15 @@ def _builtin_task_config_dir() -> Path:
 
 
 _TASK_CONFIG_DIRS: list[Path] = [_builtin_task_config_dir()]
-_builtins_loaded = False
+
+# Built-in adapters and task classes by module path: a module is imported (and registers itself)
+# only when its name is asked for, so the registry imports none of them.
+BUILTIN_MODELS = {"frozen": "ttt_bench.models.frozen", "ttt": "ttt_bench.models.ttt",
+                  "legacy": "ttt_bench.models.legacy", "dyneval": "ttt_bench.models.dyneval"}
+BUILTIN_TASK_CLASSES = {"librilight_stream": "ttt_bench.tasks.librilight_stream",
+                        "librilight_stream_book": "ttt_bench.tasks.librilight_stream",
+                        "pair_likelihood": "ttt_bench.tasks.pairs", "librilight_recall": "ttt_bench.tasks.recall"}
+_plugins_loaded = False
 
 
 class UnknownNameError(KeyError):
@@ -74,19 +84,27 @@ def add_task_config_dir(path: str | Path) -> None:
         _TASK_CONFIG_DIRS.insert(0, path)  # user configs shadow built-in ones
 
 
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if _builtins_loaded:
+def _load_plugins() -> None:
+    """Third-party adapters and tasks, from the entry-point groups (once per process)."""
+    global _plugins_loaded
+    if _plugins_loaded:
         return
-    _builtins_loaded = True
-    from . import models, tasks  # noqa: F401  (modules register themselves on import)
-
+    _plugins_loaded = True
     for group in ("ttt_bench.models", "ttt_bench.tasks"):
         for ep in entry_points(group=group):
             try:
                 ep.load()
             except Exception as exc:  # a broken plugin must not break the harness
                 logger.warning("could not load %s entry point %r: %s", group, ep.name, exc)
+
+
+def _lookup(table: dict[str, Any], builtins: dict[str, str], name: str) -> Any | None:
+    """``table[name]``, importing the built-in module that registers it, or the plugins."""
+    if name not in table and name in builtins:
+        importlib.import_module(builtins[name])
+    if name not in table:
+        _load_plugins()
+    return table.get(name)
 
 
 def _unknown(kind: str, name: str, known: list[str]) -> UnknownNameError:
@@ -96,16 +114,38 @@ def _unknown(kind: str, name: str, known: list[str]) -> UnknownNameError:
 
 
 def list_models() -> list[str]:
-    _load_builtins()
-    return sorted(_MODELS)
+    _load_plugins()
+    return sorted(set(BUILTIN_MODELS) | set(_MODELS))
+
+
+def model_factory(name: str) -> Callable[..., Any]:
+    """The class or factory registered as model ``name`` (unknown: the closest names)."""
+    factory = _lookup(_MODELS, BUILTIN_MODELS, name)
+    if factory is None:
+        raise _unknown("model", name, list_models())
+    return factory
+
+
+def check_model_args(name: str, args: dict[str, Any], chunk_size: int) -> None:
+    """Refuse an unknown model, ``model_args`` it does not take, or a chunk size it cannot score,
+    without building it (the adapter's ``check_args``; a plain factory: its signature)."""
+    factory = model_factory(name)
+    check = getattr(factory, "check_args", None)
+    if check is not None:
+        check(args, chunk_size)
+        return
+    parameters = inspect.signature(factory).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    accepted = {p.name for p in parameters} - {"device", "dtype"}
+    unknown = sorted(set(args) - accepted)
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown model_args {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}")
 
 
 def get_model(name: str, **kwargs) -> Any:
-    """Build the scorer registered as ``name`` with ``kwargs`` (see docs/design.md, Contract)."""
-    _load_builtins()
-    if name not in _MODELS:
-        raise _unknown("model", name, list(_MODELS))
-    return _MODELS[name](**kwargs)
+    """Build the scorer registered as ``name`` with ``kwargs`` (docs/design.md, "Contract")."""
+    return model_factory(name)(**kwargs)
 
 
 def task_config_files() -> dict[str, Path]:
@@ -118,15 +158,23 @@ def task_config_files() -> dict[str, Path]:
 
 
 def list_tasks() -> list[str]:
-    _load_builtins()
-    return sorted(set(task_config_files()) | set(_TASK_CLASSES))
+    """Runnable tasks: the task configs (YAML), and task classes that need no config to find
+    their data (``standalone``); a class that only reads a config's source is not a task."""
+    _load_plugins()
+    standalone = {name for name, cls in _TASK_CLASSES.items() if getattr(cls, "standalone", False)}
+    return sorted(set(task_config_files()) | standalone)
+
+
+def list_task_classes() -> list[str]:
+    _load_plugins()
+    return sorted(set(BUILTIN_TASK_CLASSES) | set(_TASK_CLASSES))
 
 
 def get_task_class(name: str) -> type:
-    _load_builtins()
-    if name not in _TASK_CLASSES:
-        raise _unknown("task class", name, list(_TASK_CLASSES))
-    return _TASK_CLASSES[name]
+    cls = _lookup(_TASK_CLASSES, BUILTIN_TASK_CLASSES, name)
+    if cls is None:
+        raise _unknown("task class", name, list_task_classes())
+    return cls
 
 
 def get_group(name: str) -> Any:
@@ -164,15 +212,14 @@ def get_task(name: str, **overrides) -> Any:
     """Build the task ``name`` from its YAML config, with keys overridden by ``overrides``."""
     from .config import load_task_config, TaskConfig
 
-    _load_builtins()
     files = task_config_files()
     if get_group(name) is not None:
         raise ValueError(f"{name} is a group of tasks ({files[name]}); expand it with expand_tasks, or "
                          f"give it to --tasks, which runs its members")
     if name in files:
         config = load_task_config(files[name], overrides)
-    elif name in _TASK_CLASSES:
+    elif _lookup(_TASK_CLASSES, BUILTIN_TASK_CLASSES, name) is not None:
         config = TaskConfig.from_dict({"task": name, "class": name, **overrides}, source=f"<task class {name}>")
     else:
-        raise _unknown("task", name, list(set(files) | set(_TASK_CLASSES)))
+        raise _unknown("task", name, list_tasks())
     return get_task_class(config.task_class)(config)

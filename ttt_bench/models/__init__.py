@@ -1,4 +1,1 @@
-"""Model adapters; importing this package registers them."""
-
-from . import frozen  # noqa: F401
-from . import ttt, legacy, dyneval  # noqa: F401,E401
+"""Model adapters: frozen, ttt, legacy, dyneval (the registry imports each when it is named)."""

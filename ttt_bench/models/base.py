@@ -1,10 +1,11 @@
-"""The scorer contract every model adapter implements (docs/design.md, "Contract")."""
+"""The scorer contract every model adapter implements (docs/design.md, "The scorer contract")."""
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 
@@ -40,7 +41,8 @@ class ScorerInfo:
 
 
 class StreamingScorer(ABC):
-    """Scores long streams of Mimi codes with teacher-forced next-frame NLL.
+    """The scorer contract (docs/design.md, "The scorer contract"): every hook the evaluation
+    calls, each with a default, so an adapter declares only what differs.
 
     ``score(codes [B, 8, T], chunk_size) -> nll [B, 8, T]`` in nats, NaN exactly where a
     position has no prediction (the codebook delays at the end of the stream). Every call
@@ -48,11 +50,15 @@ class StreamingScorer(ABC):
     """
 
     name: ClassVar[str] = "scorer"
-    is_legacy: ClassVar[bool] = False
+    is_legacy: ClassVar[bool] = False  # the old separate-forward-pass method (reported as such)
     adapts_weights: ClassVar[bool] = False  # weights change while scoring: only the first chunk
     #                                         can be checked against a plain forward pass
-    attention_only: ClassVar[bool] = False  # no memory but attention's (the recall task checks
-    #                                         that such a model gains nothing past its reach)
+    attention_only: bool = False  # no memory but attention's (the recall task checks that such a
+    #                               model gains nothing past its reach)
+    lookahead: bool = False  # the loss at a frame depends on later frames by construction
+    #                          (measured, and its rows flagged, without --allow_lookahead)
+    source: Any = None  # the models.moshi.ModelSource it was loaded from (None: given in memory);
+    #                     its Mimi codec encodes the audio
 
     lm: Any  # the moshi LMModel being scored
 
@@ -63,7 +69,39 @@ class StreamingScorer(ABC):
 
     @property
     def info(self) -> ScorerInfo:
+        """The leaderboard label and the options results.json records."""
         return ScorerInfo(name=self.name, label=self.name)
+
+    def check_chunk_size(self, chunk_size: int) -> None:
+        """Refuse (ValueError) a chunk size this model cannot be scored with."""
+
+    def begin_document(self, batch_size: int) -> None:
+        """Reset per-document state; run inside ``lm.streaming`` before the first chunk."""
+
+    def record_source(self) -> dict[str, Any] | None:
+        """The files the model was loaded from, with their sha256 (None: nothing loaded)."""
+        return None
+
+    @classmethod
+    def check_args(cls, args: Mapping[str, Any], chunk_size: int) -> None:
+        """Refuse, before anything is loaded, ``model_args`` this adapter does not take and chunk
+        sizes it cannot score (ValueError naming them). By default: the keyword arguments of the
+        constructors along the class hierarchy, plus ``accepted_args``."""
+        accepted = cls.accepted_args()
+        unknown = sorted(set(args) - accepted)
+        if unknown:
+            raise ValueError(f"model {cls.name!r}: unknown model_args {', '.join(unknown)}; it takes "
+                             f"{', '.join(sorted(accepted))}")
+
+    @classmethod
+    def accepted_args(cls) -> set[str]:
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is not None:
+                names |= {p.name for p in inspect.signature(init).parameters.values()
+                          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+        return names - {"device", "dtype"}
 
 
 def check_score_args(codes: torch.Tensor, chunk_size: int) -> None:

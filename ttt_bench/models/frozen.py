@@ -12,6 +12,7 @@ from moshi.utils.compile import no_compile
 
 from ..registry import register_model
 from .base import ScorerInfo, StreamLayout, StreamingScorer, check_score_args
+from .checkpoints import LoadArgs
 from .moshi import ModelSource, load_lm
 from .streaming import chunk_nll, delayed_inputs, stream_codes, text_head_skipped, undelay, widen_kv_caches
 
@@ -51,6 +52,10 @@ class FrozenScorer(StreamingScorer):
             self.lm = load_lm(self.source, device=device or "cpu", dtype=dtype)
             self.record_source()  # the files and their sha256, as loaded
         self.lm.eval()
+
+    @classmethod
+    def accepted_args(cls) -> set[str]:
+        return super().accepted_args() | set(LoadArgs.names()) | {"mimi"}  # mimi: an LMModel's codec
 
     def record_source(self) -> dict[str, Any] | None:
         """What results.json says about ``self.source`` (its files with their sha256), taken once
@@ -96,9 +101,6 @@ class FrozenScorer(StreamingScorer):
                 end = min(start + chunk_size, T)
                 pattern[:, :, start:end] = self.score_chunk(delayed, start, end)
         return undelay(lm, pattern).cpu()
-
-    def begin_document(self, batch_size: int) -> None:
-        """Hook run inside ``lm.streaming`` before the first chunk (adaptive adapters reset here)."""
 
     def score_chunk(self, delayed: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Pattern-space NLL [B, 8, end - start] for steps start..end-1 of the stream."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..registry import get_model, register_model
+from ..registry import check_model_args, get_model, register_model
 from .base import ScorerInfo, StreamLayout, StreamingScorer, check_score_args
 from .streaming import forward_nll
 
@@ -34,7 +34,7 @@ class LegacyScorer(StreamingScorer):
     def __init__(self, base: StreamingScorer, window: int | None = None):
         self.base = base
         self.lm = base.lm
-        self.source = getattr(base, "source", None)  # the checkpoint (and so the Mimi codec) of the base
+        self.source = base.source  # the checkpoint (and so the Mimi codec) of the base
         self.window = int(window) if window is not None else None
         if self.window is not None and self.window < 1:
             raise ValueError(f"legacy window must be >= 1 frame, got {self.window}")
@@ -45,6 +45,9 @@ class LegacyScorer(StreamingScorer):
         window = self.window if self.window is not None else "context + chunk"
         return ScorerInfo(name=self.name, label=f"legacy[{base.label}]",
                           options={"legacy": True, "window": window, "base": base.name, "base_options": base.options})
+
+    def record_source(self) -> dict[str, Any] | None:
+        return self.base.record_source()  # the legacy method scores its base's weights
 
     def score(self, codes: torch.Tensor, chunk_size: int = 64,
               layout: StreamLayout | None = None) -> torch.Tensor:
@@ -88,7 +91,20 @@ def make_legacy(scorer: StreamingScorer, window: int | None = None) -> LegacySco
 
 @register_model("legacy")
 def legacy(base: str = "ttt", window: int | None = None, **kwargs: Any) -> LegacyScorer:
-    """``get_model("legacy", base="ttt", window=W, **base_kwargs)``."""
+    """The old method, kept for comparison: each chunk scored by a fresh LMModel.forward over recent frames.
+
+    ``get_model("legacy", base="ttt", window=W, **base_kwargs)``."""
     if base == "legacy":
         raise ValueError("legacy base cannot be legacy itself")
     return make_legacy(get_model(base, **kwargs), window)
+
+
+def _check_legacy_args(args: dict[str, Any], chunk_size: int) -> None:
+    """``base`` and ``window``; the rest are the base model's arguments."""
+    base = args.get("base", "ttt")
+    if base == "legacy":
+        raise ValueError("legacy base cannot be legacy itself")
+    check_model_args(str(base), {k: v for k, v in args.items() if k not in ("base", "window")}, chunk_size)
+
+
+legacy.check_args = _check_legacy_args  # type: ignore[attr-defined]

@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 
 from ..registry import register_model
 from .base import ScorerInfo, StreamLayout
-from .checkpoints import CheckpointError, LoadArgs, key_mismatch, load_safetensors, read_json, safetensors_shapes
+from .checkpoints import (TRAINING_CONFIG_NAME, CheckpointError, LoadArgs, key_mismatch, load_safetensors, read_json,
+                          safetensors_shapes)
 from . import ttt_fork_checkpoint as fork
 from .frozen import FrozenScorer
 from .moshi import ModelSource
@@ -329,16 +330,48 @@ class TTTScorer(FrozenScorer):
 
     def check_chunk_size(self, chunk_size: int) -> None:
         """causal=false outputs a mini-batch only once all of it is read: chunks of whole ones."""
-        C = self.ttt_options.mini_batch_size
-        if self.ttt_options.lookahead and chunk_size % C:
-            raise ValueError(f"ttt causal=false: chunk_size {chunk_size} is not a multiple of the TTT "
-                             f"mini_batch_size {C} (each mini-batch is output only once all its frames "
-                             f"are read); use --chunk_size {max(C, chunk_size // C * C)}")
+        if self.ttt_options.lookahead:
+            check_whole_mini_batches(chunk_size, self.ttt_options.mini_batch_size)
+
+    @classmethod
+    def accepted_args(cls) -> set[str]:
+        return super().accepted_args() | set(LOAD_ARG_NAMES) | {f.name for f in fields(TTTOptions)}
+
+    @classmethod
+    def check_args(cls, args: dict[str, Any], chunk_size: int) -> None:
+        super().check_args(args, chunk_size)
+        mini_batch = lookahead_mini_batch(args)
+        if mini_batch is not None:
+            check_whole_mini_batches(chunk_size, mini_batch)
 
     def score(self, codes: torch.Tensor, chunk_size: int = 64,
               layout: StreamLayout | None = None) -> torch.Tensor:
         self.check_chunk_size(chunk_size)
         return super().score(codes, chunk_size, layout)
+
+
+def check_whole_mini_batches(chunk_size: int, mini_batch_size: int) -> None:
+    if chunk_size % mini_batch_size:
+        raise ValueError(f"ttt causal=false: chunk_size {chunk_size} is not a multiple of the TTT "
+                         f"mini_batch_size {mini_batch_size} (each mini-batch is output only once all its "
+                         f"frames are read); use --chunk_size {max(mini_batch_size, chunk_size // mini_batch_size * mini_batch_size)}")
+
+
+def lookahead_mini_batch(args: dict[str, Any]) -> int | None:
+    """The mini-batch size a look-ahead TTT model (``causal=false``) needs whole chunks of, read
+    from the options or a local fork checkpoint's training_config.json; None if it is causal or
+    the checkpoint is not local (then the loaded model is checked)."""
+    if as_bool(args.get("causal", True), "causal"):
+        return None
+    if args.get("arch") == FORK_ARCH:
+        return int(args.get("mini_batch_size", TTTOptions.mini_batch_size))
+    if args.get("checkpoint") and not args.get("ttt_checkpoint"):
+        folder = Path(str(args["checkpoint"]))
+        for path in (folder / "consolidated" / TRAINING_CONFIG_NAME, folder / TRAINING_CONFIG_NAME):
+            if path.is_file():
+                ttt = (read_json(path, "training config") or {}).get("ttt") or {}
+                return int(ttt.get("mini_batch_size", fork.FORWARD_DEFAULTS["mini_batch_size"]))
+    return None
 
 
 def _check_no_conflict(lm: LMModel, options: TTTOptions, given: dict[str, Any], checkpoint: str | Path) -> None:

@@ -1,3 +1,1 @@
-"""Tasks; importing this package registers them."""
-
-from . import librilight_stream, pairs, recall  # noqa: F401
+"""Task classes: long streams, pair likelihood, recall (the registry imports each when it is named)."""

@@ -43,11 +43,16 @@ class Task:
     ``@register_task("name")``; YAML configs name it in their ``class:`` key."""
 
     config_class: ClassVar[type[TaskConfig]] = StreamTaskConfig
+    standalone: ClassVar[bool] = False  # finds its data without a config: listed as a task of its own name
 
     def __init__(self, config: TaskConfig):
         self.config = config
         self.name: str = config.task
         self.skipped: list[Skipped] = []
+        self.source_spec: dict[str, Any] = dict(config.source)  # the source as resolved (results.json)
+
+    def use_models(self, scorers: dict[str, Any]) -> None:
+        """Hook for tasks whose documents depend on the models (recall: the gap is their reach)."""
 
     def documents(self, codec: Any, limit: int | None = None, on_bad_input: str = "skip") -> list[Document]:
         raise NotImplementedError
