@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ttt_bench.models.frozen import FrozenScorer  # noqa: E402
 from ttt_bench.registry import register_model, register_task  # noqa: E402
-from ttt_bench.tasks.base import Document  # noqa: E402
+from ttt_bench.tasks.base import Document, Task  # noqa: E402
 
 LENGTHS = {"a/long": 48, "b/mid": 35, "c/short": 12, "d/mid2": 27, "e/long2": 41, "f/tiny": 7, "poison": 20,
            "g/mid3": 30}
@@ -43,10 +43,8 @@ def synthetic_documents(max_frames: int | None = None, names: list[str] | None =
 
 
 @register_task("synthetic_docs")
-class SyntheticTask:
-    def __init__(self, config):
-        self.config = config
-        self.skipped = []
+class SyntheticTask(Task):
+    standalone = True  # its documents are made here, not read from a source
 
     def documents(self, codec, limit=None, on_bad_input="skip"):
         docs = synthetic_documents(self.config.max_frames)

@@ -187,7 +187,10 @@ def test_repo_without_config_json_is_moshi_7b_with_moshis_warning(tmp_path, hf_h
 
 
 def test_models_on_one_base_share_one_codec_and_other_mimi_is_refused(lora_ckpt, full_ckpt, hf_hub_cache):
-    from ttt_bench.runner import shared_source
+    from ttt_bench.api import shared_source as shared
+
+    def shared_source(scorers):
+        return shared({name: scorer.source for name, scorer in scorers.items()})
 
     scorers = {"frozen": get_model("frozen", hf_repo=REPO),
                "lora": get_model("frozen", checkpoint=str(lora_ckpt), hf_repo=REPO),

@@ -135,7 +135,7 @@ def test_entry_point_plugins_register_models(monkeypatch):
 
     plugin = EntryPoint(name="mine", value="plugin_model_for_tests", group="ttt_bench.models")
     monkeypatch.setattr(registry, "entry_points", lambda group: [plugin] if group == "ttt_bench.models" else [])
-    monkeypatch.setattr(registry, "_builtins_loaded", False)
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
     monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "plugins"))
     assert "plugin_model" in registry.list_models()

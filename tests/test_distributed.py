@@ -22,7 +22,7 @@ import pytest
 from moshi.utils.compile import no_compile
 
 from runner_fixtures import LENGTHS, REPO, SCRIPT, assert_same_results, log_lines, subprocess_env
-from ttt_bench.runner import RunSpec, evaluate
+from evaluate_helper import evaluate_run
 
 TASK = "librilight_sample"
 ARGS = ["--model", "frozen", "--model_args", "preset=tiny", "--tasks", TASK, "--task_args", "max_frames=160",
@@ -49,9 +49,9 @@ def one_process(tmp_path_factory) -> Path:
     """The single-process run (in this process, eager like the launched ones)."""
     out = tmp_path_factory.mktemp("one_process")
     with no_compile():
-        evaluate(RunSpec(models=["frozen"], tasks=[TASK], model_args={"preset": "tiny"},
+        evaluate_run(models=["frozen"], tasks=[TASK], model_args={"preset": "tiny"},
                          task_overrides={"max_frames": 160}, limit=3, batch_size=2, chunk_size=32,
-                         output_path=str(out)))
+                         output_path=str(out))
     return out
 
 
@@ -111,8 +111,8 @@ def test_ctrl_c_stops_every_process_and_one_process_resumes(tmp_path):
 
     spec = dict(models=["frozen_slow"], tasks=["synthetic_docs"], model_args={"preset": "tiny"}, chunk_size=8)
     with no_compile():
-        evaluate(RunSpec(**spec, output_path=str(reference)))
-        evaluate(RunSpec(**spec, output_path=str(out), resume=True))
+        evaluate_run(**spec, output_path=str(reference))
+        evaluate_run(**spec, output_path=str(out), resume=True)
     scored = [line["doc_id"] for line in log_lines(out)]
     assert sorted(scored) == sorted(LENGTHS)  # every document exactly once over both runs
     assert_same_results(out, reference)

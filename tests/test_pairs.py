@@ -25,7 +25,7 @@ from ttt_bench.cli import main
 from ttt_bench.metrics import DocRecord, MetricsConfig
 from ttt_bench.models.base import StreamLayout
 from ttt_bench.registry import get_model, get_task
-from ttt_bench.runner import RunSpec, evaluate
+from evaluate_helper import evaluate_run
 from ttt_bench.tasks.pairs import CODEBOOKS, PairMetrics, clip_nll, load_rows
 
 SALMON = ("bg_alignment", "bg_all_consistency", "bg_domain_consistency", "gender_consistency",
@@ -61,9 +61,8 @@ def hub_datasets():
 
 
 def run(tmp_path: Path, tasks: list[str], models=("frozen",), model_args=None, **kwargs) -> dict:
-    spec = RunSpec(models=list(models), tasks=tasks, model_args={"preset": "tiny", **(model_args or {})},
-                   chunk_size=16, device="cpu", output_path=str(tmp_path / "run"), **kwargs)
-    return evaluate(spec)
+    return evaluate_run(models, tasks, model_args={"preset": "tiny", **(model_args or {})},
+                        chunk_size=16, device="cpu", output_path=str(tmp_path / "run"), **kwargs)
 
 
 def samples(tmp_path: Path, task: str, model: str = "frozen") -> dict[str, dict]:

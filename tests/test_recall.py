@@ -14,7 +14,7 @@ from moshi.utils.compile import no_compile
 from ttt_bench.config import ConfigError
 from ttt_bench.metrics import MetricsConfig
 from ttt_bench.registry import get_model, get_task
-from ttt_bench.runner import RunSpec, evaluate
+from evaluate_helper import evaluate_run
 from ttt_bench.tasks.recall import RecallMetrics, attention_reach
 
 R = 40  # frames of A
@@ -81,9 +81,9 @@ def test_gap_context_needs_the_models_and_bad_keys_are_refused(codec):
 
 def run(tmp_path, models, model_args, limit=None, **task_args):
     with no_compile():
-        return evaluate(RunSpec(models=models, tasks=["librilight_sample_recall"], model_args=model_args,
-                                task_overrides={"recall_frames": R, **task_args}, chunk_size=32, limit=limit,
-                                device="cpu", output_path=str(tmp_path)))
+        return evaluate_run(models, ["librilight_sample_recall"], model_args=model_args,
+                            task_overrides={"recall_frames": R, **task_args}, chunk_size=32, limit=limit,
+                            device="cpu", output_path=str(tmp_path))
 
 
 @pytest.fixture(scope="module")

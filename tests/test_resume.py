@@ -16,7 +16,7 @@ from moshi.utils.compile import no_compile
 
 from runner_fixtures import LENGTHS, SCRIPT, assert_same_results, log_lines, subprocess_env
 from ttt_bench.records import RecordStore
-from ttt_bench.runner import RunSpec, evaluate
+from evaluate_helper import evaluate_run
 
 ARGS = ["--model", "frozen_slow", "--model_args", "preset=tiny", "--tasks", "synthetic_docs",
         "--chunk_size", "8", "--batch_size", "1"]
@@ -28,8 +28,8 @@ def reference(tmp_path_factory) -> Path:
     """The uninterrupted run (in this process, eager like the subprocesses)."""
     out = tmp_path_factory.mktemp("reference")
     with no_compile():
-        evaluate(RunSpec(models=["frozen_slow"], tasks=["synthetic_docs"], model_args={"preset": "tiny"},
-                         chunk_size=8, batch_size=1, output_path=str(out)))
+        evaluate_run(["frozen_slow"], ["synthetic_docs"], model_args={"preset": "tiny"},
+                     chunk_size=8, batch_size=1, output_path=str(out))
     return out
 
 

@@ -24,7 +24,10 @@ from ttt_bench.models.base import StreamLayout
 from ttt_bench.records import (ConfigMismatchError, DocFailure, RecordStore, UnsafePathError, config_hash,
                                safe_name)
 from ttt_bench.registry import get_model
-from ttt_bench.runner import RunSpec, RunStopped, evaluate, hashed_config
+from evaluate_helper import evaluate_run
+
+from ttt_bench.options import RunOptions
+from ttt_bench.runner import RunStopped, hashed_config
 
 
 @pytest.fixture(autouse=True)
@@ -274,9 +277,9 @@ def test_batch_size_and_device_are_not_part_of_the_config_hash():
             @staticmethod
             def to_dict():
                 return {"task": "t", "config_path": "/somewhere/t.yaml"}
-    a = hashed_config(RunSpec(["frozen"], ["t"], batch_size=1, device="cpu"), {"t": T})
-    b = hashed_config(RunSpec(["frozen"], ["t"], batch_size=8, device="cuda"), {"t": T})
-    c = hashed_config(RunSpec(["frozen"], ["t"], seed=1), {"t": T})
+    a = hashed_config(RunOptions(["frozen"], ["t"], batch_size=1, device="cpu"), {"t": T})
+    b = hashed_config(RunOptions(["frozen"], ["t"], batch_size=8, device="cuda"), {"t": T})
+    c = hashed_config(RunOptions(["frozen"], ["t"], seed=1), {"t": T})
     assert config_hash(a) == config_hash(b) != config_hash(c)
     assert "config_path" not in a["task_configs"]["t"]
 
@@ -308,14 +311,14 @@ def test_a_signal_while_disarmed_is_only_noted():
 # ----------------------------------------------------------------------------- whole runs in process
 
 
-def _spec(out: Path, model: str, **kwargs) -> RunSpec:
-    return RunSpec(models=[model], tasks=["synthetic_docs"], model_args={"preset": "tiny"}, chunk_size=8,
-                   output_path=str(out), command=f"ttt-bench --model {model} --model_args preset=tiny "
-                   f"--tasks synthetic_docs --output_path {out}", **kwargs)
+def _spec(out: Path, model: str, **kwargs) -> dict:
+    return dict(models=[model], tasks=["synthetic_docs"], model_args={"preset": "tiny"}, chunk_size=8,
+                output_path=str(out), command=f"ttt-bench --model {model} --model_args preset=tiny "
+                f"--tasks synthetic_docs --output_path {out}", **kwargs)
 
 
 def test_a_failing_document_is_recorded_and_the_others_still_produce_results(tmp_path):
-    results = evaluate(_spec(tmp_path, "frozen_poisonable", batch_size=4))
+    results = evaluate_run(**_spec(tmp_path, "frozen_poisonable", batch_size=4))
     assert results["complete"] is True
     metrics = results["results"]["synthetic_docs"]["frozen_poisonable"]
     assert metrics["n_docs"] == len(LENGTHS) - 1
@@ -327,7 +330,7 @@ def test_a_failing_document_is_recorded_and_the_others_still_produce_results(tmp
 
 def test_on_error_fail_stops_and_writes_what_was_done(tmp_path):
     with pytest.raises(RunStopped) as stop:
-        evaluate(_spec(tmp_path, "frozen_poisonable", batch_size=1, on_error="fail"))
+        evaluate_run(**_spec(tmp_path, "frozen_poisonable", batch_size=1, on_error="fail"))
     assert stop.value.exit_code == 1 and "--resume" in stop.value.resume_command
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["complete"] is False
@@ -353,21 +356,21 @@ class _SigtermOnCall:
 
 
 def test_sigterm_stops_with_partial_results_and_resume_completes(tmp_path, monkeypatch):
-    reference = evaluate(_spec(tmp_path / "ref", "frozen_slow", batch_size=2))
+    reference = evaluate_run(**_spec(tmp_path / "ref", "frozen_slow", batch_size=2))
     hook = _SigtermOnCall(6)  # verifications, two batches, then SIGTERM in the third
     monkeypatch.setattr(runner_fixtures.SlowScorer, "score", hook(runner_fixtures.SlowScorer.score))
     with pytest.raises(RunStopped) as stop:
-        evaluate(_spec(tmp_path / "run", "frozen_slow", batch_size=2))
+        evaluate_run(**_spec(tmp_path / "run", "frozen_slow", batch_size=2))
     assert stop.value.exit_code == 143
     partial = json.loads((tmp_path / "run" / "results.json").read_text())
     assert partial["complete"] is False and partial["resume_command"].endswith("--resume")
     assert partial["results"]["synthetic_docs"]["frozen_slow"]["n_docs"] == 4  # two batches of two
     monkeypatch.undo()
-    resumed = evaluate(_spec(tmp_path / "run", "frozen_slow", batch_size=2, resume=True))
+    resumed = evaluate_run(**_spec(tmp_path / "run", "frozen_slow", batch_size=2, resume=True))
     assert resumed["complete"] is True
     n_lines = len(RecordStore(tmp_path / "run", resumed["config_hash"]).log_entries())
     assert n_lines == len(LENGTHS)  # every document scored once over both runs
-    evaluate(_spec(tmp_path / "run", "frozen_slow", batch_size=2, resume=True))  # a finished run: nothing to do
+    evaluate_run(**_spec(tmp_path / "run", "frozen_slow", batch_size=2, resume=True))  # a finished run: nothing to do
     assert len(RecordStore(tmp_path / "run", resumed["config_hash"]).log_entries()) == n_lines
     strip = {"seconds", "frames_per_second"}
     for name in ("results", "failed", "skipped"):

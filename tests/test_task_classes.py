@@ -17,7 +17,7 @@ from runner_fixtures import synthetic_documents
 from ttt_bench.config import ConfigError, StreamTaskConfig, TaskConfig, load_task_config
 from ttt_bench.metrics import DocRecord, TaskMetrics
 from ttt_bench.registry import get_task, register_task, task_config_files
-from ttt_bench.runner import RunSpec, evaluate
+from evaluate_helper import evaluate_run
 from ttt_bench.tasks.base import Task
 
 
@@ -77,9 +77,9 @@ def test_each_class_builds_its_own_config_and_refuses_the_keys_of_another():
 
 def test_a_run_over_two_task_classes_writes_a_table_for_each(tmp_path):
     with no_compile():
-        results = evaluate(RunSpec(models=["frozen"], tasks=["synthetic_docs", "first_frames_for_tests"],
-                                   model_args={"preset": "tiny"}, chunk_size=8, limit=2, device="cpu",
-                                   output_path=str(tmp_path)))
+        results = evaluate_run(["frozen"], ["synthetic_docs", "first_frames_for_tests"],
+                               model_args={"preset": "tiny"}, chunk_size=8, limit=2, device="cpu",
+                               output_path=str(tmp_path))
     stream, first = results["results"]["synthetic_docs"]["frozen"], results["results"]["first_frames_for_tests"]["frozen"]
     assert "mean_nll" in stream and "nll_cb0" in stream
     assert set(first) == {"first_nll", "n_docs"}

@@ -9,15 +9,29 @@ number generators (torch CPU and CUDA, numpy, Python). Scoring never writes to t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import os
 import random
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from moshi.models.lm import LMModel
+
+from . import trackers
+from .audio.cache import CodeCache
+from .audio.codec import MimiCodec
+from .distributed import Dist
+from .models.base import StreamingScorer
+from .models.checkpoints import LoadArgs
+from .models.frozen import FrozenScorer
+from .models.moshi import ModelSource, resolve_dtype
+from .options import API_OPTIONS, DEFAULT_TASKS, ModelArgs, RunOptions, as_mapping, as_names, check_options
+from .registry import add_task_config_dir, check_model_args, expand_tasks, get_model, get_task
+from .runner import Evaluation, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -28,26 +42,6 @@ _CODECS: dict[tuple, Any] = {}  # loaded Mimi codecs, so repeated calls in a tra
 # ----------------------------------------------------------------------------- arguments
 
 
-def parse_model_args(model_args: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """A dict as given, or the CLI's ``k=v,...`` string parsed as the CLI does."""
-    if model_args is None:
-        return {}
-    if isinstance(model_args, str):
-        from .cli import parse_kv
-
-        return parse_kv(model_args, "model_args")
-    return dict(model_args)
-
-
-def _names(value: str | Sequence[str] | None, what: str) -> list[str]:
-    from .cli import split_top_level
-
-    names = split_top_level(value) if isinstance(value, str) else list(value or [])
-    if not names:
-        raise ValueError(f"simple_evaluate: give at least one {what}")
-    return names
-
-
 def named_models(model: Any) -> dict[str, Any]:
     """Display name -> registered name, scorer or LMModel."""
     if isinstance(model, Mapping):
@@ -55,18 +49,17 @@ def named_models(model: Any) -> dict[str, Any]:
             raise ValueError("simple_evaluate: model={} names no model")
         return dict(model)
     if isinstance(model, (str, list, tuple)):
-        return {name: name for name in _names(model, "model")}
+        return {name: name for name in as_names(model, "model")}
     if is_lm(model):
         return {"model": model}
-    if hasattr(model, "score"):
-        return {getattr(model, "name", "model"): model}
-    raise ValueError(f"simple_evaluate: model must be a registered name, a scorer, a moshi LMModel or a "
-                     f"dict of display name -> one of these, got {type(model).__name__}")
+    if isinstance(model, StreamingScorer):
+        return {model.name: model}
+    raise ValueError(f"simple_evaluate: model must be a registered name, a scorer (a subclass of "
+                     f"ttt_bench.models.base.StreamingScorer), a moshi LMModel or a dict of display name -> "
+                     f"one of these, got {type(model).__name__}")
 
 
 def is_lm(obj: Any) -> bool:
-    from moshi.models.lm import LMModel
-
     return isinstance(obj, LMModel)
 
 
@@ -86,8 +79,6 @@ def lm_device_dtype(lm) -> tuple[torch.device, torch.dtype]:
 
 def check_lm_device_dtype(name: str, lm, device: str | None, dtype: str | None) -> None:
     """An LMModel is scored where and as it is: moving or casting it would change the caller's model."""
-    from .models.moshi import resolve_dtype
-
     have_device, have_dtype = lm_device_dtype(lm)
     if device not in (None, "auto") and torch.device(device) != have_device \
             and not (torch.device(device).type == have_device.type and torch.device(device).index is None):
@@ -98,88 +89,100 @@ def check_lm_device_dtype(name: str, lm, device: str | None, dtype: str | None) 
                          "(an LMModel is evaluated as it is, never cast)")
 
 
-def wrap_lm(lm) -> Any:
-    from .models.frozen import FrozenScorer
-
-    return FrozenScorer(lm=lm)
-
-
 def codec_args() -> tuple[str, ...]:
     """The model_args that say where an LMModel's Mimi comes from."""
-    from .models.checkpoints import LoadArgs
-
     return CODEC_ARGS + LoadArgs.names()
 
 
-def codec_source(args: Mapping[str, Any], seed: int):
+def codec_source(args: Mapping[str, Any], seed: int) -> ModelSource:
     """The ModelSource whose Mimi encodes the audio for an LMModel: ``preset``, or moshi's loading
     arguments (``hf_repo``, ``checkpoint``, ``mimi_weight``, ...; moshiko's by default)."""
-    from .models.moshi import ModelSource
-
     load_args = {k: v for k, v in args.items() if k not in ("mimi", "seed")}
     return ModelSource.make(seed=int(args.get("seed", seed)), **load_args)
 
 
-def load_codec(source, device: torch.device):
+def load_codec(source: ModelSource, device: torch.device) -> MimiCodec:
     """The MimiCodec of ``source`` on ``device``, loaded once per process (per Mimi, not per model)."""
-    from .audio.codec import MimiCodec
-
     key = (source.codec_identity(), str(device))
     if key not in _CODECS:
         _CODECS[key] = MimiCodec.from_source(source, device=device)
     return _CODECS[key]
 
 
-def codec_for(entries: dict[str, Any], per_model: dict[str, dict[str, Any]], scorers: dict[str, Any],
-              device: torch.device, seed: int):
-    """The one Mimi codec every model's codes come from (a given ``mimi=``, or a loaded one)."""
-    from .audio.cache import CodeCache
-    from .audio.codec import MimiCodec
+def shared_source(sources: dict[str, ModelSource]) -> ModelSource:
+    """The one model source whose Mimi encodes the audio. Models on the same Mimi (the same
+    weights file content and config, e.g. a base and a fine-tune of it) share it; different
+    Mimi codecs are refused."""
+    codecs: dict[str, list[str]] = {}
+    for name, src in sources.items():
+        codecs.setdefault(src.codec_identity(), []).append(name)
+    if len(codecs) > 1:
+        groups = "; ".join(f"{', '.join(names)}: {sources[names[0]].label}" for names in codecs.values())
+        raise ValueError(f"models use different Mimi codecs ({groups}), so their codes would differ; "
+                         "evaluate them in separate runs")
+    return next(iter(sources.values()))
 
+
+def codec_for(entries: dict[str, Any], per_model: dict[str, dict[str, Any]], scorers: dict[str, StreamingScorer],
+              device: torch.device, seed: int) -> MimiCodec:
+    """The one Mimi codec every model's codes come from (a given ``mimi=``, or a loaded one)."""
     mimis = {id(a["mimi"]): a["mimi"] for a in per_model.values() if a.get("mimi") is not None}
     if len(mimis) > 1:
         raise ValueError("model_args: several different mimi= codecs; evaluate models of different codecs "
                          "in separate calls")
     if mimis:
         return MimiCodec(next(iter(mimis.values())), device=device, cache=CodeCache(), label="mimi=<MimiModel>")
-    from .runner import shared_source
-
-    sources = {name: getattr(s, "source", None) for name, s in scorers.items()}
+    sources = {name: scorer.source for name, scorer in scorers.items()}
     for name, entry in entries.items():
         if is_lm(entry) or sources[name] is None:
             sources[name] = codec_source(per_model[name], seed)
-    holders = {name: _SourceOf(source) for name, source in sources.items()}
-    return load_codec(shared_source(holders), device)
+    return load_codec(shared_source(sources), device)
 
 
-class _SourceOf:
-    """What ``runner.shared_source`` reads of a scorer: its model source."""
+def check_models(entries: dict[str, Any], per_model: dict[str, dict[str, Any]], spec: RunOptions) -> None:
+    """Every model named, its ``model_args`` and the chunk size, refused before anything loads."""
+    for name, entry in entries.items():
+        if isinstance(entry, str):
+            check_model_args(entry, {k: v for k, v in per_model[name].items() if k not in ("mimi", "seed")},
+                             spec.chunk_size)
+        elif is_lm(entry):
+            check_lm_device_dtype(name, entry, spec.device, spec.dtype)
+            unknown = sorted(set(per_model[name]) - set(codec_args()))
+            if unknown:
+                raise ValueError(f"model_args {', '.join(unknown)}: model {name!r} is an LMModel you built; its "
+                                 f"model_args only say where its Mimi comes from ({', '.join(codec_args())})")
+        else:
+            entry.check_chunk_size(spec.chunk_size)
 
-    def __init__(self, source):
-        self.source = source
+
+def run_dtype(entries: dict[str, Any], dtype: str | None) -> str:
+    """The dtype the run scores in: ``dtype`` for models built from names (float32 by default),
+    the model's own for a model given in memory."""
+    dtypes = {dtype or "float32" if isinstance(entry, str) else
+              str(lm_device_dtype(entry if is_lm(entry) else entry.lm)[1]).removeprefix("torch.")
+              for entry in entries.values()}
+    return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
 def build_scorers(entries: dict[str, Any], per_model: dict[str, dict[str, Any]], device: torch.device,
-                  dtype: str | None, seed: int) -> dict[str, Any]:
-    from .registry import get_model
-
+                  spec: RunOptions) -> dict[str, StreamingScorer]:
     scorers = {}
     for name, entry in entries.items():
         args = per_model[name]
         if isinstance(entry, str):
             kwargs = {k: v for k, v in args.items() if k != "mimi"}
-            kwargs.setdefault("seed", seed)
+            kwargs.setdefault("seed", spec.seed)
             logger.info("loading model %s (%s) %s", name, entry, jsonable_args(kwargs))
             if "lm" in kwargs:  # the caller's LMModel: evaluated where and as it is
-                check_lm_device_dtype(name, kwargs["lm"], None, dtype)
+                check_lm_device_dtype(name, kwargs["lm"], None, spec.dtype)
                 scorers[name] = get_model(entry, **kwargs)
             else:
-                scorers[name] = get_model(entry, device=device, dtype=dtype or "float32", **kwargs)
+                scorers[name] = get_model(entry, device=device, dtype=spec.dtype or "float32", **kwargs)
         elif is_lm(entry):
-            check_lm_device_dtype(name, entry, None, dtype)
-            scorers[name] = wrap_lm(entry)
+            scorers[name] = FrozenScorer(lm=entry)
         else:
             scorers[name] = entry
+        scorers[name].check_chunk_size(spec.chunk_size)  # e.g. a fork checkpoint's look-ahead mini-batch
     return scorers
 
 
@@ -227,35 +230,8 @@ def preserved(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
 # ----------------------------------------------------------------------------- the API
 
 
-def simple_evaluate(
-    model: Any,
-    model_args: str | Mapping[str, Any] | None = None,
-    tasks: str | Sequence[str] = ("librilight_sample",),
-    *,
-    limit: int | None = None,
-    batch_size: int | str = 1,
-    chunk_size: int = 64,
-    device: str | None = None,
-    dtype: str | None = None,
-    seed: int = 0,
-    task_args: str | Mapping[str, Any] | None = None,
-    include_path: str | Sequence[str] | None = None,
-    output_path: str | Path | None = None,
-    overwrite: bool = False,
-    resume: bool = False,
-    baseline: str | None = None,
-    strict: bool = False,
-    on_bad_input: str = "skip",
-    on_error: str = "skip",
-    allow_lookahead: bool = False,
-    distributed: bool | None = None,
-    wandb_args: str | Mapping[str, Any] | None = None,
-    wandb_run: Any = None,
-    tensorboard_dir: str | Path | None = None,
-    tensorboard_writer: Any = None,
-    step: int | None = None,
-    command: str = "",
-) -> dict[str, Any] | None:
+def simple_evaluate(model: Any, model_args: str | Mapping[str, Any] | None = None,
+                    tasks: str | Sequence[str] = DEFAULT_TASKS, **options: Any) -> dict[str, Any] | None:
     """Evaluate ``model`` on ``tasks``; return results.json's dict (None on ranks other than 0).
 
     model: a registered name (``"frozen"``, or several: ``"frozen,ttt"``), a scorer, a moshi
@@ -263,74 +239,74 @@ def simple_evaluate(
     model_args: dict or ``"k=v,..."`` (``name.k=v`` for one model). For an LMModel they say where
         its Mimi codec comes from: ``hf_repo`` (default moshiko's), ``preset="tiny"``, or
         ``mimi=`` a MimiModel.
-    device, dtype: for models built from names (default: CUDA when available, float32). An
-        LMModel is evaluated where and as it is.
-    output_path: write results.json and the other outputs there; without it nothing is written
-        but the Mimi code cache.
-    distributed: None joins an initialised torch.distributed group (documents sharded over its
-        ranks, rank 0 gets the result) and otherwise runs alone; False always runs alone.
-    wandb_args / wandb_run, tensorboard_dir / tensorboard_writer, step: also log the results to
-        Weights & Biases (a new run from ``wandb.init(**wandb_args)``, or yours) and TensorBoard
-        (a new writer on the directory, or yours), at training step ``step``.
-    """
-    from . import trackers
-    from .distributed import Dist
-    from .registry import add_task_config_dir
-    from .runner import RunSpec, evaluate, split_model_args
+    options: the run options (``ttt_bench.options.OPTIONS``, the command line's flags; see
+        ``inspect.signature(simple_evaluate)``): limit, batch_size, chunk_size, device, dtype, seed,
+        task_args, include_path, output_path (without it nothing is written but the Mimi code
+        cache), overwrite, resume, baseline, strict, on_bad_input, on_error, allow_lookahead,
+        distributed (None joins an initialised torch.distributed group, False runs alone),
+        wandb_args / wandb_run, tensorboard_dir / tensorboard_writer and step (also log the
+        results to Weights & Biases and TensorBoard at training step ``step``).
 
-    trackers.require(wandb=wandb_args is not None or wandb_run is not None,
-                     tensorboard=tensorboard_dir is not None or tensorboard_writer is not None)
-    if resume and output_path is None:
+    Everything that can be checked without weights or audio is checked first (task names and
+    configs, model names and model_args, the chunk size, the output directory and a resumed
+    run's configuration); then the scorers, the codec and the tasks are built, once.
+    """
+    spec = RunOptions(model=[], tasks=as_names(tasks, "task"), model_args=as_mapping(model_args, "model_args"),
+                      **check_options(options))
+    trackers.require(wandb=spec.wandb_args is not None or spec.wandb_run is not None,
+                     tensorboard=spec.tensorboard_dir is not None or spec.tensorboard_writer is not None)
+    if spec.resume and spec.output_path is None:
         raise ValueError("simple_evaluate: resume=True needs the output_path of the run to continue")
-    for path in [include_path] if isinstance(include_path, (str, Path)) else include_path or []:
+    include = spec.include_path
+    for path in [include] if isinstance(include, (str, Path)) else include or []:
         add_task_config_dir(path)
+    task_names, groups = expand_tasks(spec.tasks)
+    built_tasks = {name: get_task(name, **(spec.task_args or {})) for name in task_names}
     entries = named_models(model)
-    args = parse_model_args(model_args)
-    per_model = split_model_args(list(entries), args)
-    for name, entry in entries.items():
-        if is_lm(entry):
-            check_lm_device_dtype(name, entry, device, dtype)
-            per_model[name] = {k: v for k, v in per_model[name].items() if k in codec_args()}
+    per_model = ModelArgs.per_model(list(entries), spec.model_args)
+    check_models(entries, per_model, spec)
+    per_model = {name: ({k: v for k, v in args.items() if k in codec_args()} if is_lm(entries[name]) else args)
+                 for name, args in per_model.items()}
     lm_entries = [e for e in entries.values() if is_lm(e)]
-    run_device = lm_device_dtype(lm_entries[0])[0] if lm_entries else resolve_device(device)
-    dist = Dist.join(run_device, distributed)
+    device = lm_device_dtype(lm_entries[0])[0] if lm_entries else resolve_device(spec.device)
+    dist = Dist.join(device, spec.distributed)
 
     with tempfile.TemporaryDirectory(prefix="ttt_bench_") as scratch, \
             preserved(given_modules(entries, per_model)):
-        torch.manual_seed(seed)
-        scorers = build_scorers(entries, per_model, dist.device, dtype, seed)
-        codec = codec_for(entries, per_model, scorers, dist.device, seed)
-        spec = RunSpec(
-            models=list(entries), tasks=_names(tasks, "task"), model_args=jsonable_args(args),
-            task_overrides=parse_model_args(task_args), limit=limit, batch_size=batch_size,
-            chunk_size=chunk_size, device=str(dist.device), dtype=dtype or _dtype_name(scorers), seed=seed,
-            output_path=str(output_path) if output_path is not None else scratch, overwrite=overwrite,
-            resume=resume, baseline=baseline, strict=strict, on_bad_input=on_bad_input, on_error=on_error,
-            allow_lookahead=allow_lookahead, command=command)
-        results = evaluate(spec, scorers=scorers, codec=codec, dist=dist)
+        spec = spec.replace(model=list(entries), device=str(dist.device), dtype=run_dtype(entries, spec.dtype),
+                            output_path=str(spec.output_path) if spec.output_path is not None else scratch)
+        out, store = open_store(spec, built_tasks, dist)
+        torch.manual_seed(spec.seed)
+        scorers = build_scorers(entries, per_model, dist.device, spec)
+        codec = codec_for(entries, per_model, scorers, dist.device, spec.seed)
+        results = Evaluation(spec, built_tasks, groups, scorers, codec, dist, store, out).run()
         if results is None:
             return None
-        if output_path is None:
+        if options.get("output_path") is None:
             results["config"]["output_path"] = None
-        out = Path(spec.output_path)
-        trackers.log_all(results, out, wandb_args=wandb_args, wandb_run=wandb_run,
-                         tensorboard_dir=tensorboard_dir, tensorboard_writer=tensorboard_writer, step=step)
+        trackers.log_all(results, out, wandb_args=spec.wandb_args, wandb_run=spec.wandb_run,
+                         tensorboard_dir=spec.tensorboard_dir, tensorboard_writer=spec.tensorboard_writer,
+                         step=spec.step)
     return results
+
+
+def _signature() -> inspect.Signature:
+    """``simple_evaluate``'s signature as ``OPTIONS`` declares it (what help() and IDEs show)."""
+    P = inspect.Parameter
+    head = [P("model", P.POSITIONAL_OR_KEYWORD), P("model_args", P.POSITIONAL_OR_KEYWORD, default=None),
+            P("tasks", P.POSITIONAL_OR_KEYWORD, default=DEFAULT_TASKS)]
+    return inspect.Signature(head + [P(o.name, P.KEYWORD_ONLY, default=o.default) for o in API_OPTIONS])
+
+
+simple_evaluate.__signature__ = _signature()  # type: ignore[attr-defined]
 
 
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         if torch.cuda.is_available():
-            import os
-
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(device)
-
-
-def _dtype_name(scorers: dict[str, Any]) -> str:
-    dtypes = {str(s.lm.dtype).removeprefix("torch.") for s in scorers.values() if hasattr(s, "lm")}
-    return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
 def clear_codec_cache() -> None:

@@ -1,9 +1,10 @@
-"""The evaluation loop: build scorers and the codec, load each task's documents, shard them
-across processes (Accelerate), score in length-grouped batches, persist every finished document
-at once, gather on the main process and write the outputs.
+"""The evaluation loop: given built scorers, codec and tasks (``simple_evaluate`` builds them),
+load each task's documents, verify every model on them, shard them across processes
+(Accelerate), score in length-grouped batches, persist every finished document at once, gather
+on the main process and write the outputs.
 
 Run data-parallel with ``accelerate launch -m ttt_bench ...`` (any number of processes, GPUs
-and nodes); a plain ``ttt-bench ...`` is one process. Every process builds the scorers and the
+and nodes); a plain ``ttt-bench ...`` is one process. Every process holds the scorers and the
 codec; the main process of each node encodes the audio first (warming the code cache), then
 every process loads the same document list, takes its share of the pending documents (longest
 first onto the least-loaded process), scores it and persists each document as soon as it is
@@ -28,50 +29,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__
 from .batching import BatchScorer, auto_batch_size, iter_batches
 from .distributed import Dist, shard_by_length
 from .interrupt import Interrupted, SignalGuard, exit_code
 from .metrics import DocRecord, TaskMetrics, raise_on_flags
 from .models.base import StreamLayout
 from .records import DocFailure, LogEntry, RecordStore, config_hash
-from .registry import expand_tasks, get_model, get_task
-from .tasks.base import Document, stream_metrics
+from .options import RunOptions
+from .tasks.base import Document
+from .version import __version__
 from .verify import CausalityError, VerificationError, verify_causality, verify_scorer
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("results.json", "curves.npz", "leaderboard.md", "loss_vs_position.png")
-
-
-@dataclass
-class RunSpec:
-    """Everything a run depends on (the CLI flags)."""
-
-    models: list[str]
-    tasks: list[str]
-    model_args: dict[str, Any] = field(default_factory=dict)
-    task_overrides: dict[str, Any] = field(default_factory=dict)
-    limit: int | None = None
-    batch_size: int | str = 1  # or "auto" (largest that fits on the CUDA device)
-    chunk_size: int = 64
-    device: str = "auto"
-    dtype: str = "float32"
-    seed: int = 0
-    output_path: str | None = None
-    overwrite: bool = False
-    resume: bool = False
-    baseline: str | None = None
-    strict: bool = False
-    on_bad_input: str = "skip"
-    on_error: str = "skip"  # a document that fails: record it and go on (skip) or stop (fail)
-    allow_lookahead: bool = False  # measure a model that fails the causality check (rows flagged)
-    command: str = ""
-
-    def output_dir(self) -> Path:
-        if self.output_path:
-            return Path(self.output_path)
-        return Path("results") / f"{'+'.join(self.models)}__{'+'.join(self.tasks)}"
 
 
 class OutputExistsError(FileExistsError):
@@ -89,18 +60,11 @@ class RunStopped(RuntimeError):
         self.is_main = is_main
 
 
-def validate_spec(spec: RunSpec) -> None:
-    if spec.on_error not in ("skip", "fail"):
-        raise ValueError(f"--on_error must be 'skip' or 'fail', got {spec.on_error!r}")
-    if spec.batch_size != "auto" and (not isinstance(spec.batch_size, int) or spec.batch_size < 1):
-        raise ValueError(f"--batch_size must be a positive integer or 'auto', got {spec.batch_size!r}")
-
-
 def holds_run(out: Path) -> bool:
     return (out / "results.json").exists() or (out / "records").exists()
 
 
-def check_output_dir(spec: RunSpec) -> Path:
+def check_output_dir(spec: RunOptions) -> Path:
     """Raise if ``--output_path`` holds a run and neither --overwrite nor --resume was given
     (read-only, so every process can run it before any of them writes)."""
     out = spec.output_dir()
@@ -111,7 +75,7 @@ def check_output_dir(spec: RunSpec) -> Path:
     return out
 
 
-def prepare_output_dir(spec: RunSpec) -> Path:
+def prepare_output_dir(spec: RunOptions) -> Path:
     """Check, then clear (``--overwrite``) and create the output directory (main process)."""
     out = check_output_dir(spec)
     if holds_run(out) and spec.overwrite:
@@ -122,58 +86,9 @@ def prepare_output_dir(spec: RunSpec) -> Path:
     return out
 
 
-def split_model_args(models: list[str], model_args: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``key=v`` applies to every model, ``name.key=v`` only to model ``name``."""
-    shared = {k: v for k, v in model_args.items() if "." not in k}
-    per_model = {name: dict(shared) for name in models}
-    for key, value in model_args.items():
-        if "." in key:
-            name, _, sub = key.partition(".")
-            if name not in per_model:
-                raise ValueError(f"--model_args {key}: {name!r} is not one of the models {models}")
-            per_model[name][sub] = value
-    return per_model
-
-
-def build_scorers(spec: RunSpec, device: torch.device) -> dict[str, Any]:
-    scorers = {}
-    for name, kwargs in split_model_args(spec.models, spec.model_args).items():
-        kwargs.setdefault("seed", spec.seed)
-        logger.info("loading model %s %s", name, kwargs)
-        scorers[name] = get_model(name, device=device, dtype=spec.dtype, **kwargs)
-        check_chunk_size = getattr(scorers[name], "check_chunk_size", None)
-        if check_chunk_size is not None:  # e.g. a look-ahead TTT layer needs whole mini-batches
-            check_chunk_size(spec.chunk_size)
-    return scorers
-
-
-def shared_source(scorers: dict[str, Any]):
-    """The one model source whose Mimi encodes the audio. Models on the same Mimi (the same
-    weights file content and config, e.g. a base and a fine-tune of it) share it; different
-    Mimi codecs are refused."""
-    sources = {name: getattr(s, "source", None) for name, s in scorers.items()}
-    sources = {name: src for name, src in sources.items() if src is not None}
-    if not sources:
-        raise ValueError("no model names a checkpoint (preset=, hf_repo=, checkpoint=, ...), so there is no "
-                         "Mimi codec to encode the audio with")
-    codecs: dict[str, list[str]] = {}
-    for name, src in sources.items():
-        codecs.setdefault(src.codec_identity(), []).append(name)
-    if len(codecs) > 1:
-        groups = "; ".join(f"{', '.join(names)}: {sources[names[0]].label}" for names in codecs.values())
-        raise ValueError(f"models use different Mimi codecs ({groups}), so their codes would differ; "
-                         "evaluate them in separate runs")
-    return next(iter(sources.values()))
-
-
 def layout_for(config, codec) -> StreamLayout:
     silence = codec.silence_frame() if config.user_stream == "silence" else None
     return StreamLayout(config.text_stream, config.user_stream, silence)
-
-
-def task_metrics(task, lm) -> TaskMetrics:
-    """The task class's metrics (a class without a ``metrics`` hook gets the long-stream ones)."""
-    return task.metrics(lm) if hasattr(task, "metrics") else stream_metrics(task.config, lm)
 
 
 def environment() -> dict[str, Any]:
@@ -202,8 +117,8 @@ def wrap_legacy(scorers: dict[str, Any], window: int | None) -> dict[str, Any]:
     """``use_fixed_method: false``: score every model with the old separate-forward-pass method."""
     from .models.legacy import legacy_name, make_legacy
 
-    return {legacy_name(name) if not getattr(s, "is_legacy", False) else name:
-            (s if getattr(s, "is_legacy", False) else make_legacy(s, window)) for name, s in scorers.items()}
+    return {legacy_name(name) if not s.is_legacy else name: (s if s.is_legacy else make_legacy(s, window))
+            for name, s in scorers.items()}
 
 
 
@@ -211,15 +126,11 @@ def wrap_legacy(scorers: dict[str, Any], window: int | None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- run config
 
 
-RESULT_KEYS = ("models", "model_args", "tasks", "task_overrides", "limit", "dtype", "seed", "chunk_size",
-               "strict")
-
-
-def hashed_config(spec: RunSpec, tasks: dict[str, Any]) -> dict[str, Any]:
+def hashed_config(spec: RunOptions, tasks: dict[str, Any]) -> dict[str, Any]:
     """What the persisted records depend on; ``--resume`` refuses a run where any of it differs.
     Batch size, device and the number of processes are left out: they never change a document's
     NLL (docs/design.md invariant 4), so a run can be resumed with a smaller batch or more GPUs."""
-    config = {key: getattr(spec, key) for key in RESULT_KEYS}
+    config = spec.hashed()
     config["task_configs"] = {name: {k: v for k, v in task.config.to_dict().items() if k != "config_path"}
                               for name, task in tasks.items()}
     return config
@@ -245,10 +156,9 @@ class TaskPlan:
         return [(self.name, model, d.doc_id, d.n_frames) for model in self.scorers for d in self.docs]
 
 
-def plan_task(name: str, task, codec, scorers: dict[str, Any], spec: RunSpec, dist: Dist) -> TaskPlan:
+def plan_task(name: str, task, codec, scorers: dict[str, Any], spec: RunOptions, dist: Dist) -> TaskPlan:
     config = task.config
-    if hasattr(task, "use_models"):  # tasks whose documents depend on the models (recall: the gap)
-        task.use_models(scorers)
+    task.use_models(scorers)  # tasks whose documents depend on the models (recall: the gap)
     with dist.local_main_first():
         docs = task.documents(codec, limit=spec.limit, on_bad_input=spec.on_bad_input)
     dist.all_agree(hashlib.sha256(json.dumps([(d.doc_id, d.n_frames) for d in docs]).encode()).hexdigest())
@@ -256,20 +166,35 @@ def plan_task(name: str, task, codec, scorers: dict[str, Any], spec: RunSpec, di
         logger.warning("%s: skipped %d input(s): %s", name, len(task.skipped),
                        "; ".join(f"{s.doc_id}: {s.reason}" for s in task.skipped))
     if not docs:
-        raise RuntimeError(f"task {name}: no documents to evaluate "
-                           f"({len(task.skipped)} skipped); see the reasons above")
+        raise NoDocumentsError(no_documents_message(name, task))
     layout = layout_for(config, codec)
     task_scorers = scorers if config.use_fixed_method else wrap_legacy(scorers, config.legacy_window)
     info = {"config": config.to_dict(),
             "layout": {"text_stream": layout.text_stream, "user_stream": layout.user_stream},
-            "data": {"source": getattr(task, "source_spec", config.source), "doc_ids": [d.doc_id for d in docs],
+            "data": {"source": task.source_spec, "doc_ids": [d.doc_id for d in docs],
                      "n_frames": [d.n_frames for d in docs]},
             "codec": codec.hash}
-    return TaskPlan(name, config, docs, layout, task_scorers, task_metrics(task, next(iter(scorers.values())).lm),
+    return TaskPlan(name, config, docs, layout, task_scorers, task.metrics(next(iter(scorers.values())).lm),
                     info, [asdict(s) for s in task.skipped])
 
 
-def verify_all(plans: list[TaskPlan], spec: RunSpec) -> dict[str, dict[str, list[dict]]]:
+class NoDocumentsError(ValueError):
+    """A task ended up with no document to evaluate (a user error: exit 2, one line)."""
+
+
+def no_documents_message(name: str, task) -> str:
+    """Why a task has no documents: its skipped inputs counted by reason."""
+    reasons: dict[str, int] = {}
+    for skipped in task.skipped:
+        reason = skipped.reason.split(":")[0].split(" (")[0]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    counted = "; ".join(f"{n} x {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return (f"task {name}: no documents to evaluate" + (f" ({len(task.skipped)} input(s) skipped: {counted})"
+            if task.skipped else " (its source yielded none)") + "; check the task's source and its length "
+            "limits (min_duration_s, max_frames, select), or --limit")
+
+
+def verify_all(plans: list[TaskPlan], spec: RunOptions) -> dict[str, dict[str, list[dict]]]:
     """Built-in checks of every model on each task's first document: the streaming loss against a
     plain forward pass (``verify_loss_computation``) and causality (``verify_causality``)."""
     out: dict[str, dict[str, list[dict]]] = {"verification": {}, "causality": {}}
@@ -280,12 +205,12 @@ def verify_all(plans: list[TaskPlan], spec: RunSpec) -> dict[str, dict[str, list
             for name, scorer in plan.scorers.items()] if plan.config.verify_loss_computation else []
         out["causality"][plan.name] = [
             verify_causality(name, scorer, doc.doc_id, doc.codes, spec.chunk_size, plan.layout,
-                             spec.allow_lookahead or bool(getattr(scorer, "lookahead", False))).to_dict()
+                             spec.allow_lookahead or scorer.lookahead).to_dict()
             for name, scorer in plan.scorers.items()] if plan.config.verify_causality else []
     return out
 
 
-def verify_on_main(plans: list[TaskPlan], spec: RunSpec, dist: Dist) -> dict[str, dict[str, list[dict]]]:
+def verify_on_main(plans: list[TaskPlan], spec: RunOptions, dist: Dist) -> dict[str, dict[str, list[dict]]]:
     """``verify_all`` on the main process; a failure there stops every process with its message
     (instead of leaving the others waiting at the next collective)."""
     verifications, error = {}, None
@@ -322,14 +247,11 @@ def my_share(docs: list[Document], dist: Dist) -> list[Document]:
     return [docs[i] for i in shard_by_length([d.n_frames for d in docs], dist.world_size)[dist.rank]]
 
 
-def batch_size_for(scorer, docs: list[Document], spec: RunSpec, layout: StreamLayout) -> int:
-    size = (auto_batch_size(scorer, docs, spec.chunk_size, layout) if spec.batch_size == "auto"
-            else int(spec.batch_size))
-    cap = getattr(scorer, "max_batch_size", None)  # adapters whose state is shared across rows
-    return min(size, cap) if cap else size
+def batch_size_for(scorer, docs: list[Document], spec: RunOptions, layout: StreamLayout) -> int:
+    return auto_batch_size(scorer, docs, spec.chunk_size, layout) if spec.batch_size == "auto" else int(spec.batch_size)
 
 
-def score_model(plan: TaskPlan, model: str, docs: list[Document], spec: RunSpec, store: RecordStore,
+def score_model(plan: TaskPlan, model: str, docs: list[Document], spec: RunOptions, store: RecordStore,
                 guard: SignalGuard, dist: Dist, outcome: ShareOutcome) -> None:
     """Score ``docs`` (this process's share) with one model, persisting each document at once."""
     scorer = plan.scorers[model]
@@ -361,7 +283,7 @@ def persist(store: RecordStore, task: str, model: str, result: DocRecord | DocFa
     return store.save(task, model, result)
 
 
-def score_share(plans: list[TaskPlan], done: set[tuple[str, str, str]], spec: RunSpec, store: RecordStore,
+def score_share(plans: list[TaskPlan], done: set[tuple[str, str, str]], spec: RunOptions, store: RecordStore,
                 guard: SignalGuard, dist: Dist) -> ShareOutcome:
     """This process's share of every pending (task, model, document), until done or stopped."""
     outcome = ShareOutcome()
@@ -424,9 +346,9 @@ def collect(plans: list[TaskPlan], store: RecordStore
 # ----------------------------------------------------------------------------- outputs
 
 
-def resume_command(spec: RunSpec, dist: Dist) -> str:
+def resume_command(spec: RunOptions, dist: Dist) -> str:
     """The command that continues this run."""
-    words = shlex.split(spec.command) if spec.command else ["ttt-bench", "--model", ",".join(spec.models),
+    words = shlex.split(spec.command) if spec.command else ["ttt-bench", "--model", ",".join(spec.model),
                                                             "--tasks", ",".join(spec.tasks)]
     args = [w for w in words[1:] if w != "--overwrite"]
     if "--output_path" not in args and not any(a.startswith("--output_path=") for a in args):
@@ -439,7 +361,7 @@ def resume_command(spec: RunSpec, dist: Dist) -> str:
     return shlex.join([words[0], *args])
 
 
-def write_results(out: Path, spec: RunSpec, plans: list[TaskPlan], store: RecordStore, complete: bool,
+def write_results(out: Path, spec: RunOptions, plans: list[TaskPlan], store: RecordStore, complete: bool,
                   verifications: dict[str, dict[str, list[dict]]], dist: Dist,
                   groups: dict[str, Any] | None = None) -> dict[str, Any]:
     """results.json and the other outputs from the persisted records (main process)."""
@@ -452,12 +374,11 @@ def write_results(out: Path, spec: RunSpec, plans: list[TaskPlan], store: Record
         logger.warning("%d document(s) failed; see \"failed\" in results.json", n_failed)
     kept = {t: {m: recs for m, recs in models.items() if recs} for t, models in records.items()}
     kept = {t: models for t, models in kept.items() if models}
-    model_info = {name: {"label": s.info.label, "legacy": bool(getattr(s, "is_legacy", False)),
-                         "lookahead": bool(getattr(s, "lookahead", False)),
-                         "attention_only": bool(getattr(s, "attention_only", False)), "options": s.info.options}
+    model_info = {name: {"label": s.info.label, "legacy": bool(s.is_legacy), "lookahead": bool(s.lookahead),
+                         "attention_only": bool(s.attention_only), "options": s.info.options}
                   for plan in plans for name, s in plan.scorers.items()}
     run = {
-        "config": {**asdict(spec), "output_path": str(out)},
+        "config": {**spec.recorded(), "output_path": str(out)},
         "command": spec.command,
         "environment": environment(),
         "git_hash": git_hash(),
@@ -470,7 +391,7 @@ def write_results(out: Path, spec: RunSpec, plans: list[TaskPlan], store: Record
         "tasks": {plan.name: plan.info for plan in plans},
         "verification": verifications.get("verification", {}),
         "causality": verifications.get("causality", {}),
-        "baseline": spec.baseline or ("frozen" if "frozen" in spec.models else None),
+        "baseline": spec.baseline or ("frozen" if "frozen" in spec.model else None),
         "group_subtasks": {name: list(g.task) for name, g in (groups or {}).items()},
         "group_metrics": {name: g.metrics for name, g in (groups or {}).items()},
         "versions": {plan.name: plan.config.version for plan in plans},
@@ -498,7 +419,7 @@ def final_exit_code(outcomes: list[ShareOutcome]) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- evaluate
 
 
-def open_store(spec: RunSpec, tasks: dict[str, Any], dist: Dist) -> tuple[Path, RecordStore]:
+def open_store(spec: RunOptions, tasks: dict[str, Any], dist: Dist) -> tuple[Path, RecordStore]:
     """Output directory and record store, read-only: refuses an existing run without
     --overwrite/--resume and a resume whose config differs, before any slow work."""
     out = check_output_dir(spec)
@@ -514,13 +435,12 @@ def model_files(scorers: dict[str, Any]) -> dict[str, dict[str, str]]:
     and models given in memory)."""
     files = {}
     for name, scorer in scorers.items():
-        loaded = getattr(scorer, "base", scorer)  # legacy scores its base model
-        record = loaded.record_source() if hasattr(loaded, "record_source") else None
+        record = scorer.record_source()
         files[name] = {role: f["sha256"] for role, f in ((record or {}).get("files") or {}).items()}
     return files
 
 
-def init_store(spec: RunSpec, tasks: dict[str, Any], dist: Dist, store: RecordStore,
+def init_store(spec: RunOptions, tasks: dict[str, Any], dist: Dist, store: RecordStore,
                files: dict[str, dict[str, str]] | None = None) -> None:
     """Create the output directory and write the run's config (and the sha256 of the models'
     files). Done once the documents are loaded and verified, so a run that fails before scoring
@@ -534,50 +454,47 @@ def init_store(spec: RunSpec, tasks: dict[str, Any], dist: Dist, store: RecordSt
     dist.barrier()
 
 
-def evaluate(spec: RunSpec, scorers: dict[str, Any] | None = None, codec=None,
-             dist: Dist | None = None) -> dict[str, Any] | None:
-    """Run every model on every task. Returns the results.json dict on the main process and None
-    on the others; raises :class:`RunStopped` (after writing partial outputs) when the run was
-    interrupted or stopped by a failed document under ``--on_error fail``.
+@dataclass
+class Evaluation:
+    """One run over built objects: plan (each task's documents), verify (every model on each
+    task's first document), score (this process's share, persisted as it goes), gather and write.
+    ``simple_evaluate`` assembles and validates everything and is the public way in."""
 
-    ``scorers`` (display name -> scorer, in ``spec.models`` order) and ``codec`` replace the ones
-    built from ``spec``; ``dist`` is the process group to use (default: join or start the one
-    of ``accelerate launch``, left again at the end). ``ttt_bench.simple_evaluate`` is the
-    public way in."""
-    from .audio.codec import MimiCodec
+    options: RunOptions
+    tasks: dict[str, Any]  # name -> Task, built and validated
+    groups: dict[str, Any]  # task groups met while expanding the task names
+    scorers: dict[str, Any]  # display name -> StreamingScorer, in the order of options.model
+    codec: Any  # the one MimiCodec every model's codes come from
+    dist: Dist
+    store: RecordStore  # opened (and, for --resume, checked) before anything was built
+    out: Path
 
-    validate_spec(spec)
-    dist = dist or Dist.create(spec.device)
-    task_names, groups = expand_tasks(spec.tasks)
-    tasks = {name: get_task(name, **spec.task_overrides) for name in task_names}
-    out, store = open_store(spec, tasks, dist)
-    torch.manual_seed(spec.seed)
-    if scorers is None:
-        scorers = build_scorers(spec, dist.device)
-    files = model_files(scorers)
-    if spec.resume:
-        store.check_model_files(files)
-    if codec is None:
-        codec = MimiCodec.from_source(shared_source(scorers), device=dist.device)
-    plans = [plan_task(name, task, codec, scorers, spec, dist) for name, task in tasks.items()]
-    verifications = verify_on_main(plans, spec, dist)
-    init_store(spec, tasks, dist, store, files)
-    done = dist.broadcast(set(store.load_done([k for p in plans for k in p.keys()])[0]) if dist.is_main else None)
-    guard = SignalGuard()
-    with guard.installed():
-        outcome = score_share(plans, done, spec, store, guard, dist)
-        sync_to_main(dist, store, outcome.written)
-        outcomes = dist.gather(outcome)
-        results = None
-        code, reason = final_exit_code(outcomes) if dist.is_main else (0, "")
-        if dist.is_main:
-            results = write_results(out, spec, plans, store, code == 0, verifications, dist, groups)
-            store.clear_stop()
-        code, reason = dist.broadcast((code, reason))
-    dist.close()
-    if code:
-        raise RunStopped(f"{reason}; partial results in {out} (complete: false)", code,
-                         resume_command(spec, dist), dist.is_main)
-    if dist.is_main and spec.strict:
-        raise_on_flags(results["results"])
-    return results
+    def run(self) -> dict[str, Any] | None:
+        """The results.json dict on the main process, None on the others; raises
+        :class:`RunStopped` (after writing partial outputs) when the run was interrupted or
+        stopped by a failed document under ``--on_error fail``."""
+        spec, dist, store = self.options, self.dist, self.store
+        files = model_files(self.scorers)
+        if spec.resume:
+            store.check_model_files(files)
+        plans = [plan_task(name, task, self.codec, self.scorers, spec, dist) for name, task in self.tasks.items()]
+        verifications = verify_on_main(plans, spec, dist)
+        init_store(spec, self.tasks, dist, store, files)
+        done = dist.broadcast(set(store.load_done([k for p in plans for k in p.keys()])[0]) if dist.is_main else None)
+        guard = SignalGuard()
+        with guard.installed():
+            outcome = score_share(plans, done, spec, store, guard, dist)
+            sync_to_main(dist, store, outcome.written)
+            outcomes = dist.gather(outcome)
+            results = None
+            code, reason = final_exit_code(outcomes) if dist.is_main else (0, "")
+            if dist.is_main:
+                results = write_results(self.out, spec, plans, store, code == 0, verifications, dist, self.groups)
+                store.clear_stop()
+            code, reason = dist.broadcast((code, reason))
+        if code:
+            raise RunStopped(f"{reason}; partial results in {self.out} (complete: false)", code,
+                             resume_command(spec, dist), dist.is_main)
+        if dist.is_main and spec.strict:
+            raise_on_flags(results["results"])
+        return results
