@@ -205,3 +205,12 @@ def test_ls_describes_each_task_and_model(capsys):
     models = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert {"frozen", "ttt", "legacy", "dyneval"} <= set(models)
     assert "preset=tiny" in models["frozen"] and "Moshi with TTT layers" in models["ttt"]
+
+
+def test_the_readme_config_file_is_valid(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("# run.yaml:", 1)[1].split("```", 1)[0].split("\n", 1)[1]
+    (tmp_path / "run.yaml").write_text(block)
+    args = vars(parse_run_args(["--config", str(tmp_path / "run.yaml"), "--limit", "2"]))
+    assert args["model"] == "frozen,ttt" and args["model_args"] == "preset=tiny,ttt.layers=[1]"
+    assert args["chunk_size"] == 128 and args["limit"] == 2
