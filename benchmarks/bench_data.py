@@ -68,7 +68,7 @@ def _build_codec(config: str, cache_dir: Path, chunk_frames: int):
 
     from ttt_bench.audio.cache import CodeCache
     from ttt_bench.audio.codec import MimiCodec
-    from ttt_bench.models.moshi import ModelSource, load_mimi
+    from ttt_bench.models.loading.moshi import ModelSource, load_mimi
 
     torch.manual_seed(0)
     if config == "tiny":

@@ -48,11 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import QUICK_CONTEXT, Case, format_ratio, machine_line, median_speed, paired_ratio, round_robin  # noqa: E402
 from moshi_reference import stepwise_nll  # noqa: E402
 
-from ttt_bench.batching import AUTO_MAX_BATCH, auto_batch_size, is_oom  # noqa: E402
+from ttt_bench.evaluation.batching import AUTO_MAX_BATCH, auto_batch_size, is_oom  # noqa: E402
 from ttt_bench.models.base import StreamLayout  # noqa: E402
 from ttt_bench.models.dyneval import DynEvalScorer  # noqa: E402
 from ttt_bench.models.frozen import FrozenScorer, cpu_no_compile  # noqa: E402
-from ttt_bench.models.moshi import TINY_LM_CONFIG, ModelSource, load_mimi, resolve_dtype  # noqa: E402
+from ttt_bench.models.loading.moshi import TINY_LM_CONFIG, ModelSource, load_mimi, resolve_dtype  # noqa: E402
 from ttt_bench.models.streaming import forward_nll  # noqa: E402
 from ttt_bench.models.ttt import TTTScorer  # noqa: E402
 from ttt_bench.tasks.base import Document  # noqa: E402

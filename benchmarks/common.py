@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from moshi.models import loaders
 
-from ttt_bench.models.moshi import TINY_LM_CONFIG
+from ttt_bench.models.loading.moshi import TINY_LM_CONFIG
 
 # dim 512, 8 layers, 8 heads, card 2048, text vocab 32000, depformer 256 wide and 4 deep, context 3000
 BENCH_LM_CONFIG = {

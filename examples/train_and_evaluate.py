@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ttt_bench import simple_evaluate
-from ttt_bench.models.moshi import ModelSource, load_lm
+from ttt_bench.models.loading.moshi import ModelSource, load_lm
 
 
 def training_loss(lm, codes: torch.Tensor) -> torch.Tensor:

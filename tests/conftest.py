@@ -23,7 +23,7 @@ def tiny_lm(context: int = 32, seed: int = 0, **overrides):
     """A tiny random Moshi-shaped LM (float32, CPU) with a short attention context."""
     from moshi.models import loaders
 
-    from ttt_bench.models.moshi import TINY_LM_CONFIG
+    from ttt_bench.models.loading.moshi import TINY_LM_CONFIG
 
     config = {**copy.deepcopy(TINY_LM_CONFIG), "context": context, **overrides}
     torch.manual_seed(seed)
@@ -57,7 +57,7 @@ def assert_exactly_equal(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def mimi():
     """The tiny preset's Mimi (test modules may override this fixture with their own)."""
-    from ttt_bench.models.moshi import ModelSource, load_mimi
+    from ttt_bench.models.loading.moshi import ModelSource, load_mimi
 
     return load_mimi(ModelSource.make(preset="tiny"))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ttt_bench.models.moshi import TINY_LM_CONFIG, TINY_MIMI_CONFIG, ModelSource, load_lm, load_mimi
+from ttt_bench.models.loading.moshi import TINY_LM_CONFIG, TINY_MIMI_CONFIG, ModelSource, load_lm, load_mimi
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MIMI_FILE = "tiny-mimi.safetensors"

@@ -21,7 +21,7 @@ from runner_fixtures import REPO, _assert_close, subprocess_env
 import ttt_bench
 from ttt_bench import api, simple_evaluate
 from ttt_bench.cli import main
-from ttt_bench.models.moshi import ModelSource, load_lm
+from ttt_bench.models.loading.moshi import ModelSource, load_lm
 
 TASK = "librilight_sample"
 TASK_ARGS = {"max_frames": 90}

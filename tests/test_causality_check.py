@@ -13,7 +13,7 @@ from ttt_bench.cli import main
 from ttt_bench.models.base import StreamLayout
 from ttt_bench.models.frozen import FrozenScorer
 from ttt_bench.registry import get_model
-from ttt_bench.verify import CausalityError, causality_probe, perturb_from, verify_causality
+from ttt_bench.evaluation.verify import CausalityError, causality_probe, perturb_from, verify_causality
 
 
 class BlockPeekScorer(FrozenScorer):

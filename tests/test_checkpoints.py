@@ -13,7 +13,7 @@ from moshi.models import loaders
 from conftest import assert_exactly_equal
 from hf_cache import (lora_trained_lm, write_finetune_checkpoint, write_tiny_checkpoint_files,
                       write_tiny_hf_checkpoint)
-from ttt_bench.models.checkpoints import CheckpointError, file_sha256, sha256_cache_path
+from ttt_bench.models.loading.checkpoints import CheckpointError, file_sha256, sha256_cache_path
 from ttt_bench.models.frozen import FrozenScorer
 from ttt_bench.registry import get_model
 

@@ -212,7 +212,7 @@ def test_a_run_whose_loss_fails_verification_stops_with_no_results(tmp_path, cap
 
 
 def test_terminal_table_is_narrow_and_keeps_deltas_and_flags(two_model_run):
-    from ttt_bench.report import render_terminal
+    from ttt_bench.reporting.report import render_terminal
 
     results = json.loads((two_model_run / "results.json").read_text())
     row = results["results"]["librilight_sample"]["ttt"]

@@ -11,7 +11,7 @@ from ttt_bench.audio import codec as codec_module
 from ttt_bench.audio import decode as decode_module
 from ttt_bench.audio.cache import CacheEntry, CodeCache, cache_clear, cache_info, hash_bytes
 from ttt_bench.audio.codec import MimiCodec
-from ttt_bench.models.moshi import FRAME_SIZE, ModelSource, load_mimi
+from ttt_bench.models.loading.moshi import FRAME_SIZE, ModelSource, load_mimi
 from ttt_bench.tasks import librilight_stream as task_module
 from ttt_bench.tasks.librilight_stream import LibriLightStreamTask
 

@@ -14,7 +14,7 @@ import torch
 from data_fixtures import LAYOUT, flac_bytes, make_librilight_dir, make_webdataset_tar, speechlike, task_config
 from ttt_bench.audio.decode import iter_audio_24k, load_audio_24k, probe
 from ttt_bench.audio.sources import WebDatasetSource, make_source
-from ttt_bench.models.moshi import FRAME_SIZE
+from ttt_bench.models.loading.moshi import FRAME_SIZE
 from ttt_bench.tasks.librilight_stream import LibriLightStreamTask
 
 IDS = [f"{s}/{b}/{f}" for s, b, f, _ in LAYOUT]

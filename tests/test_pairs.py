@@ -20,7 +20,7 @@ from moshi.utils.compile import no_compile
 from data_fixtures import flac_bytes
 from pair_fixtures import (SR, salmon_features, salmon_rows, speed_features, speed_rows,
                            write_hub_pair_dataset)
-from ttt_bench.batching import BatchScorer, mask_past_end
+from ttt_bench.evaluation.batching import BatchScorer, mask_past_end
 from ttt_bench.cli import main
 from ttt_bench.metrics import DocRecord, MetricsConfig
 from ttt_bench.models.base import StreamLayout

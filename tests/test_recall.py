@@ -146,7 +146,7 @@ def test_an_attention_only_model_that_gains_past_its_reach_is_flagged():
 
 
 def test_terminal_table_fits_120_columns_with_deltas_marks_and_flags(past_the_reach):
-    from ttt_bench.report import render_terminal
+    from ttt_bench.reporting.report import render_terminal
 
     _, results = past_the_reach
     text = render_terminal(results)

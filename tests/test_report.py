@@ -15,7 +15,7 @@ from PIL import Image
 
 from test_metrics import linear_doc, small_cfg
 from ttt_bench.metrics import DocRecord, summarize_all
-from ttt_bench.report import (build_results, merge_runs, render_leaderboard, resolve_baseline,
+from ttt_bench.reporting.report import (build_results, merge_runs, render_leaderboard, resolve_baseline,
                               to_jsonable, write_outputs)
 
 DATA = Path(__file__).parent / "data"
@@ -195,7 +195,7 @@ def test_merge_refuses_different_data_or_layout(tmp_path):
 
 
 def test_skipped_inputs_and_failed_documents_are_mentioned_under_the_table():
-    from ttt_bench.report import render_leaderboard
+    from ttt_bench.reporting.report import render_leaderboard
 
     results = {"results": {}, "models": {},
                "skipped": {"t": [{"doc_id": "a/b/c", "reason": "empty file (0 bytes)"}]},

@@ -15,7 +15,7 @@ import pytest
 from moshi.utils.compile import no_compile
 
 from runner_fixtures import LENGTHS, SCRIPT, assert_same_results, log_lines, subprocess_env
-from ttt_bench.records import RecordStore
+from ttt_bench.evaluation.records import RecordStore
 from evaluate_helper import evaluate_run
 
 ARGS = ["--model", "frozen_slow", "--model_args", "preset=tiny", "--tasks", "synthetic_docs",

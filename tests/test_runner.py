@@ -16,18 +16,18 @@ from moshi.utils.compile import no_compile
 
 import runner_fixtures
 from runner_fixtures import LENGTHS, synthetic_documents
-from ttt_bench.batching import BatchScorer, auto_batch_size, largest_fitting, pad_batch
-from ttt_bench.distributed import shard_by_length
-from ttt_bench.interrupt import Interrupted, SignalGuard
+from ttt_bench.evaluation.batching import BatchScorer, auto_batch_size, largest_fitting, pad_batch
+from ttt_bench.evaluation.distributed import shard_by_length
+from ttt_bench.evaluation.interrupt import Interrupted, SignalGuard
 from ttt_bench.metrics import DocRecord
 from ttt_bench.models.base import StreamLayout
-from ttt_bench.records import (ConfigMismatchError, DocFailure, RecordStore, UnsafePathError, config_hash,
+from ttt_bench.evaluation.records import (ConfigMismatchError, DocFailure, RecordStore, UnsafePathError, config_hash,
                                safe_name)
 from ttt_bench.registry import get_model
 from evaluate_helper import evaluate_run
 
 from ttt_bench.options import RunOptions
-from ttt_bench.runner import RunStopped, hashed_config
+from ttt_bench.evaluation.runner import RunStopped, hashed_config
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +178,7 @@ class _FakeCudaScorer:
 
 
 def test_auto_batch_size_probes_the_device_with_the_longest_document(monkeypatch):
-    monkeypatch.setattr("ttt_bench.batching.free_memory", lambda: None)
+    monkeypatch.setattr("ttt_bench.evaluation.batching.free_memory", lambda: None)
     docs = synthetic_documents()
     fake = _FakeCudaScorer(capacity=5)
     assert auto_batch_size(fake, docs, chunk_size=8, layout=StreamLayout()) == 4

@@ -12,7 +12,7 @@ import pytest
 
 from ttt_bench import simple_evaluate
 from ttt_bench.cli import main
-from ttt_bench.trackers import MissingExtraError
+from ttt_bench.reporting.trackers import MissingExtraError
 from wandb_files import artifacts, history
 
 TASK = "librilight_sample"
@@ -130,7 +130,7 @@ def test_a_missing_extra_is_one_line_saying_how_to_install_it(extra, flag, tmp_p
 
 
 def test_task_groups_are_logged_beside_their_members():
-    from ttt_bench.trackers import leaderboard_rows, scalars
+    from ttt_bench.reporting.trackers import leaderboard_rows, scalars
 
     results = {"results": {"salmon_rir_consistency": {"frozen": {"acc": 0.5, "n_pairs": 4, "flags": []}}},
                "groups": {"salmon": {"frozen": {"acc": 0.625, "ci": {"acc": [0.5, 0.75]}}}}}

@@ -10,7 +10,7 @@ from hf_cache import write_tiny_hf_checkpoint
 from ttt_bench.models.frozen import FrozenScorer
 from ttt_bench.models.ttt import (CONFIG_NAME, WEIGHTS_NAME, TTTOptions, TTTScorer, parse_layers,
                                   save_ttt_checkpoint)
-from ttt_bench.models.ttt_layers import TTTBase, TTTInputs, TTTLinear, TTTMLP, head_layer_norm
+from ttt_bench.models.layers.ttt_layers import TTTBase, TTTInputs, TTTLinear, TTTMLP, head_layer_norm
 from ttt_bench.registry import get_model
 
 CONTEXT, T, B_MINI = 8, 30, 4  # the stream is well past the attention context

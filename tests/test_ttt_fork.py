@@ -1,4 +1,4 @@
-"""The moshi-finetune TTT fork's layer (ttt_bench/models/ttt_fork.py) against an independent
+"""The moshi-finetune TTT fork's layer (ttt_bench/models/layers/ttt_fork.py) against an independent
 reference of its training-time forward, streamed and in one pass, in both causal modes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttt_bench.models.ttt_fork import ForkTTT, ForkTTTBlock, ForkTTTConfig
+from ttt_bench.models.layers.ttt_fork import ForkTTT, ForkTTTBlock, ForkTTTConfig
 
 WIDTH, HEADS, C, T = 16, 2, 4, 14  # 3 complete mini-batches and a partial one
 CAUSAL_CHUNKS, LOOKAHEAD_CHUNKS = (1, 3, C, 2 * C + 1), (C, 2 * C, 4 * C)

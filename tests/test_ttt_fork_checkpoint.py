@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_cache import LORA_RANK, LORA_SCALING, lora_trained_lm, tiny_base_config, write_tiny_hf_checkpoint
-from ttt_bench.models.checkpoints import CheckpointError
+from ttt_bench.models.loading.checkpoints import CheckpointError
 from ttt_bench.models.frozen import FrozenScorer
 from ttt_bench.models.ttt import TTTOptions, insert_ttt_layers
 from ttt_bench.registry import get_model

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttt_bench.models.ttt_layers import TTT_CLASSES, TTTBase, TTTInputs, TTTLinear, TTTMLP
+from ttt_bench.models.layers.ttt_layers import TTT_CLASSES, TTTBase, TTTInputs, TTTLinear, TTTMLP
 
 WIDTH, HEADS, B_MINI, T = 16, 2, 4, 14  # 3 complete mini-batches and a partial one
 

@@ -5,7 +5,7 @@ import torch
 
 from ttt_bench.models.base import StreamLayout
 from ttt_bench.models.frozen import FrozenScorer
-from ttt_bench.verify import VerificationError, verification_frames, verify_scorer
+from ttt_bench.evaluation.verify import VerificationError, verification_frames, verify_scorer
 
 
 class SeparatePassScorer(FrozenScorer):

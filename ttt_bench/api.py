@@ -21,17 +21,17 @@ import numpy as np
 import torch
 from moshi.models.lm import LMModel
 
-from . import trackers
-from .audio.cache import CodeCache
-from .audio.codec import MimiCodec
-from .distributed import Dist
-from .models.base import StreamingScorer
-from .models.checkpoints import LoadArgs
-from .models.frozen import FrozenScorer
-from .models.moshi import ModelSource, resolve_dtype
-from .options import API_OPTIONS, DEFAULT_TASKS, ModelArgs, RunOptions, as_mapping, as_names, check_options
-from .registry import add_task_config_dir, check_model_args, expand_tasks, get_model, get_task
-from .runner import Evaluation, open_store
+from ttt_bench.reporting import trackers
+from ttt_bench.audio.cache import CodeCache
+from ttt_bench.audio.codec import MimiCodec
+from ttt_bench.evaluation.distributed import Dist
+from ttt_bench.models.base import StreamingScorer
+from ttt_bench.models.loading.checkpoints import LoadArgs
+from ttt_bench.models.frozen import FrozenScorer
+from ttt_bench.models.loading.moshi import ModelSource, resolve_dtype
+from ttt_bench.options import API_OPTIONS, DEFAULT_TASKS, ModelArgs, RunOptions, as_mapping, as_names, check_options
+from ttt_bench.registry import add_task_config_dir, check_model_args, expand_tasks, get_model, get_task
+from ttt_bench.evaluation.runner import Evaluation, open_store
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .options import (BY_NAME, CLI_OPTIONS, Option, default_output_dir, parse_kv, parse_value,  # noqa: F401
+from ttt_bench.options import (BY_NAME, CLI_OPTIONS, Option, default_output_dir, parse_kv, parse_value,  # noqa: F401
                       read_config_file, split_top_level)
 
 logger = logging.getLogger("ttt_bench")
@@ -102,9 +102,9 @@ def _kv_text(value: Any) -> str:
 
 
 def cmd_run(argv: Sequence[str]) -> int:
-    from .api import simple_evaluate
-    from .distributed import Dist
-    from .runner import RunStopped
+    from ttt_bench.api import simple_evaluate
+    from ttt_bench.evaluation.distributed import Dist
+    from ttt_bench.evaluation.runner import RunStopped
 
     args = parse_run_args(argv)
     logging.basicConfig(level=args.verbosity, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -127,7 +127,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     if results is None:  # not the main process: the main process alone reports
         return 0
     out = Path(results["config"]["output_path"])
-    from .report import render_terminal
+    from ttt_bench.reporting.report import render_terminal
 
     print(render_terminal(results))
     written = [name for name in ("results.json", "curves.npz", "leaderboard.md", "loss_vs_position.png")
@@ -137,7 +137,7 @@ def cmd_run(argv: Sequence[str]) -> int:
 
 
 def cmd_ls(argv: Sequence[str]) -> int:
-    from .registry import add_task_config_dir, list_models, list_tasks
+    from ttt_bench.registry import add_task_config_dir, list_models, list_tasks
 
     p = argparse.ArgumentParser(prog="ttt-bench ls", description="List the runnable tasks or the models, each "
                                 "with a one-line description and whether it needs the Hugging Face Hub.")
@@ -162,9 +162,9 @@ def first_sentence(text: str, limit: int = 90) -> str:
 
 def task_summary(name: str) -> tuple[str, str]:
     """("Hub" or "offline", one line) of a task, from its config alone (nothing is loaded)."""
-    from .audio.sources import resolve_path
-    from .config import is_group_file, read_yaml
-    from .registry import get_task_class, task_config_files
+    from ttt_bench.audio.sources import resolve_path
+    from ttt_bench.config import is_group_file, read_yaml
+    from ttt_bench.registry import get_task_class, task_config_files
 
     path = task_config_files().get(name)
     if path is None:  # a standalone task class
@@ -187,7 +187,7 @@ def task_summary(name: str) -> tuple[str, str]:
 def model_summary(name: str) -> tuple[str, str]:
     """("Hub" or "offline", one line) of a model adapter: built-in ones load moshiko from the
     Hub unless given preset=tiny or a local hf_repo/checkpoint."""
-    from .registry import model_factory
+    from ttt_bench.registry import model_factory
 
     factory = model_factory(name)
     doc = first_sentence((factory.__doc__ or "").strip())
@@ -196,8 +196,8 @@ def model_summary(name: str) -> tuple[str, str]:
 
 def cmd_validate(argv: Sequence[str]) -> int:
     """Check task configs without loading a model or audio: one line per problem, exit 2."""
-    from .config import ConfigError
-    from .registry import add_task_config_dir, expand_tasks, get_task, list_tasks, task_config_files
+    from ttt_bench.config import ConfigError
+    from ttt_bench.registry import add_task_config_dir, expand_tasks, get_task, list_tasks, task_config_files
 
     p = argparse.ArgumentParser(prog="ttt-bench validate", description="Check task configs (names, YAML files, "
                                 "--include_path folders) without loading a model or audio.")
@@ -232,7 +232,7 @@ def cmd_validate(argv: Sequence[str]) -> int:
 
 
 def validate_file(path: Path) -> None:
-    from .config import ConfigError, TaskConfig, is_group_file, load_group_config, read_yaml
+    from ttt_bench.config import ConfigError, TaskConfig, is_group_file, load_group_config, read_yaml
 
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
@@ -245,7 +245,7 @@ def validate_file(path: Path) -> None:
 
 
 def cmd_leaderboard(argv: Sequence[str]) -> int:
-    from .report import merge_runs
+    from ttt_bench.reporting.report import merge_runs
 
     p = argparse.ArgumentParser(prog="ttt-bench leaderboard",
                                 description="Merge finished runs of the same task into one leaderboard.")
@@ -262,7 +262,7 @@ def cmd_leaderboard(argv: Sequence[str]) -> int:
 
 
 def cmd_cache(argv: Sequence[str]) -> int:
-    from .audio.cache import cache_clear, cache_info
+    from ttt_bench.audio.cache import cache_clear, cache_info
 
     p = argparse.ArgumentParser(prog="ttt-bench cache", description="Inspect or clear the Mimi code cache "
                                 "(TTT_BENCH_CACHE moves it).")
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "run"
     rest = argv[1:] if argv and argv[0] in SUBCOMMANDS else argv
-    from .verify import VerificationError
+    from ttt_bench.evaluation.verify import VerificationError
 
     handlers = {"run": cmd_run, "ls": cmd_ls, "validate": cmd_validate, "leaderboard": cmd_leaderboard,
                 "cache": cmd_cache}
@@ -289,8 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ttt-bench: verification failed: {exc}", file=sys.stderr)
         return 3
     except (ValueError, KeyError, OSError, ImportError) as exc:  # bad input, missing files or extras, no network
-        from .registry import UnknownNameError
-        from .trackers import MissingExtraError
+        from ttt_bench.registry import UnknownNameError
+        from ttt_bench.reporting.trackers import MissingExtraError
 
         if isinstance(exc, KeyError) and not isinstance(exc, UnknownNameError) or \
                 isinstance(exc, ImportError) and not isinstance(exc, MissingExtraError):

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .options import yaml_error_line
+from ttt_bench.options import yaml_error_line
 
 
 class ConfigError(ValueError):
@@ -139,7 +139,7 @@ class StreamTaskConfig(TaskConfig):
 
 def check_select_and_split(source: str, config: Any) -> None:
     """``select:`` and ``split`` of a task reading LibriLight recordings."""
-    from .audio.sources import LIBRILIGHT_SPLITS, Selection, librilight_split_source
+    from ttt_bench.audio.sources import LIBRILIGHT_SPLITS, Selection, librilight_split_source
 
     try:
         Selection.from_spec(config.select)
@@ -170,7 +170,7 @@ def check_positive_int(fail: Callable[[str, str, Any], None], config: Any, key: 
 
 def config_class_of(task_class: Any, source: str) -> type[TaskConfig]:
     """The config dataclass the task class ``task_class`` declares (``config_class``)."""
-    from .registry import UnknownNameError, get_task_class
+    from ttt_bench.registry import UnknownNameError, get_task_class
 
     if not isinstance(task_class, str):
         raise ConfigError(f"{source}: key 'class' must be a registered task class name, got {task_class!r}")

@@ -179,7 +179,7 @@ def get_task_class(name: str) -> type:
 
 def get_group(name: str) -> Any:
     """The ``GroupConfig`` of the task group ``name``, or None if ``name`` is not a group."""
-    from .config import is_group_file, load_group_config
+    from ttt_bench.config import is_group_file, load_group_config
 
     path = task_config_files().get(name)
     return load_group_config(path) if path is not None and is_group_file(path) else None
@@ -210,7 +210,7 @@ def expand_tasks(names: list[str]) -> tuple[list[str], dict[str, Any]]:
 
 def get_task(name: str, **overrides) -> Any:
     """Build the task ``name`` from its YAML config, with keys overridden by ``overrides``."""
-    from .config import load_task_config, TaskConfig
+    from ttt_bench.config import load_task_config, TaskConfig
 
     files = task_config_files()
     if get_group(name) is not None:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from moshi.models.compression import MimiModel
 
-from ..models.moshi import FRAME_SIZE, NUM_AUDIO_CODEBOOKS, SAMPLE_RATE, ModelSource, load_mimi, module_hash
-from ..models.streaming import widen_kv_caches
-from .cache import CacheEntry, CodeCache, cache_clear, cache_info  # noqa: F401  (re-exported for the CLI)
-from .decode import DecodeError
+from ttt_bench.models.loading.moshi import FRAME_SIZE, NUM_AUDIO_CODEBOOKS, SAMPLE_RATE, ModelSource, load_mimi, module_hash
+from ttt_bench.models.streaming import widen_kv_caches
+from ttt_bench.audio.cache import CacheEntry, CodeCache, cache_clear, cache_info  # noqa: F401  (re-exported for the CLI)
+from ttt_bench.audio.decode import DecodeError
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class MimiCodec:
         entry = self.lookup(audio_hash, max_frames)
         if entry is not None:
             return entry
-        from .decode import frames_for_seconds
+        from ttt_bench.audio.decode import frames_for_seconds
 
         full = frames_for_seconds(duration_s)
         truncated = max_frames is not None and full > max_frames

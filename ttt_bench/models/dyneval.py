@@ -20,10 +20,10 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.modules.transformer import LayerNormF32, RMSNorm
 
-from ..registry import register_model
-from .base import StreamLayout
-from .frozen import FrozenScorer
-from .streaming import chunk_nll
+from ttt_bench.registry import register_model
+from ttt_bench.models.base import StreamLayout
+from ttt_bench.models.frozen import FrozenScorer
+from ttt_bench.models.streaming import chunk_nll
 
 logger = logging.getLogger(__name__)
 

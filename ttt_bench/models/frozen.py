@@ -10,11 +10,11 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.utils.compile import no_compile
 
-from ..registry import register_model
-from .base import ScorerInfo, StreamLayout, StreamingScorer, check_score_args
-from .checkpoints import LoadArgs
-from .moshi import ModelSource, load_lm
-from .streaming import chunk_nll, delayed_inputs, stream_codes, text_head_skipped, undelay, widen_kv_caches
+from ttt_bench.registry import register_model
+from ttt_bench.models.base import ScorerInfo, StreamLayout, StreamingScorer, check_score_args
+from ttt_bench.models.loading.checkpoints import LoadArgs
+from ttt_bench.models.loading.moshi import ModelSource, load_lm
+from ttt_bench.models.streaming import chunk_nll, delayed_inputs, stream_codes, text_head_skipped, undelay, widen_kv_caches
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class FrozenScorer(StreamingScorer):
             self.source: ModelSource | None = None
             self.lm = lm.to(device) if device is not None else lm
             if dtype is not None:
-                from .moshi import resolve_dtype
+                from ttt_bench.models.loading.moshi import resolve_dtype
                 self.lm = self.lm.to(dtype=resolve_dtype(dtype))
         else:
             self.source = ModelSource.make(preset=preset, pretrained=pretrained, seed=seed, **load_args)

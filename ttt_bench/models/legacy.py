@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ..registry import check_model_args, get_model, register_model
-from .base import ScorerInfo, StreamLayout, StreamingScorer, check_score_args
-from .streaming import forward_nll
+from ttt_bench.registry import check_model_args, get_model, register_model
+from ttt_bench.models.base import ScorerInfo, StreamLayout, StreamingScorer, check_score_args
+from ttt_bench.models.streaming import forward_nll
 
 logger = logging.getLogger(__name__)
 

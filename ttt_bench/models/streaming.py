@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from moshi.models.lm import LMModel
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 
-from .base import StreamLayout
+from ttt_bench.models.base import StreamLayout
 
 
 def stream_codes(lm: LMModel, audio: torch.Tensor, layout: StreamLayout) -> torch.Tensor:

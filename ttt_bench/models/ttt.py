@@ -1,8 +1,8 @@
 """The ttt adapter: Moshi with TTT layers in its main transformer, scored like ``frozen``.
 
 Two architectures (``arch``): ``ttt_bench``, this project's gated TTT branch after each chosen
-layer (``ttt_layers.py``), and ``moshi_finetune_ttt``, the TTT layer of the moshi-finetune TTT
-fork as that fork trains it (``ttt_fork.py``), causal or, with ``causal=false``, with the
+layer (``layers/ttt_layers.py``), and ``moshi_finetune_ttt``, the TTT layer of the moshi-finetune TTT
+fork as that fork trains it (``layers/ttt_fork.py``), causal or, with ``causal=false``, with the
 fork's look-ahead inside each mini-batch.
 
 The TTT branches are moshi ``StreamingModule``s inside the transformer layers, so the frozen
@@ -26,15 +26,15 @@ import torch
 from moshi.models.lm import LMModel
 from safetensors.torch import save_file
 
-from ..registry import register_model
-from .base import ScorerInfo, StreamLayout
-from .checkpoints import (TRAINING_CONFIG_NAME, CheckpointError, LoadArgs, key_mismatch, load_safetensors, read_json,
+from ttt_bench.registry import register_model
+from ttt_bench.models.base import ScorerInfo, StreamLayout
+from ttt_bench.models.loading.checkpoints import (TRAINING_CONFIG_NAME, CheckpointError, LoadArgs, key_mismatch, load_safetensors, read_json,
                           safetensors_shapes)
-from . import ttt_fork_checkpoint as fork
-from .frozen import FrozenScorer
-from .moshi import ModelSource
-from .ttt_fork import ForkTTTBlock, ForkTTTConfig, insert_fork_ttt_block
-from .ttt_layers import INNER_KINDS, TTTBranch, insert_ttt_branch, reset_streaming_children_cache
+from ttt_bench.models.loading import ttt_fork_checkpoint as fork
+from ttt_bench.models.frozen import FrozenScorer
+from ttt_bench.models.loading.moshi import ModelSource
+from ttt_bench.models.layers.ttt_fork import ForkTTTBlock, ForkTTTConfig, insert_fork_ttt_block
+from ttt_bench.models.layers.ttt_layers import INNER_KINDS, TTTBranch, insert_ttt_branch, reset_streaming_children_cache
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import StreamTaskConfig, TaskConfig
-from ..metrics import MetricsConfig, StreamMetrics, TaskMetrics
+from ttt_bench.config import StreamTaskConfig, TaskConfig
+from ttt_bench.metrics import MetricsConfig, StreamMetrics, TaskMetrics
 
 
 @dataclass

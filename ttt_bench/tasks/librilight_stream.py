@@ -21,13 +21,13 @@ from typing import Any, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..audio.cache import CacheEntry, hash_bytes
-from ..audio.codec import MimiCodec
-from ..audio.decode import DecodeError, frames_for_seconds, iter_audio_24k, probe
-from ..audio.sources import AudioItem, Selection, librilight_split_source, make_source
-from ..models.moshi import FRAME_RATE, FRAME_SIZE
-from ..registry import register_task
-from .base import Document, Skipped, Task
+from ttt_bench.audio.cache import CacheEntry, hash_bytes
+from ttt_bench.audio.codec import MimiCodec
+from ttt_bench.audio.decode import DecodeError, frames_for_seconds, iter_audio_24k, probe
+from ttt_bench.audio.sources import AudioItem, Selection, librilight_split_source, make_source
+from ttt_bench.models.loading.moshi import FRAME_RATE, FRAME_SIZE
+from ttt_bench.registry import register_task
+from ttt_bench.tasks.base import Document, Skipped, Task
 
 logger = logging.getLogger(__name__)
 

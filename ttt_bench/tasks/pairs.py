@@ -28,16 +28,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..audio.cache import CacheEntry, hash_bytes
-from ..audio.codec import MimiCodec
-from ..audio.decode import DecodeError, frames_for_seconds, iter_audio_24k, probe
-from ..audio.sources import _local_or_as_is, reading
-from ..config import ConfigError, TaskConfig, _failer
-from ..metrics import (DocRecord, MetricsConfig, TaskMetrics, bootstrap_delta, bootstrap_ratio,
+from ttt_bench.audio.cache import CacheEntry, hash_bytes
+from ttt_bench.audio.codec import MimiCodec
+from ttt_bench.audio.decode import DecodeError, frames_for_seconds, iter_audio_24k, probe
+from ttt_bench.audio.sources import _local_or_as_is, reading
+from ttt_bench.config import ConfigError, TaskConfig, _failer
+from ttt_bench.metrics import (DocRecord, MetricsConfig, TaskMetrics, bootstrap_delta, bootstrap_ratio,
                        evaluate_targets, flags_from_summaries, summarize_all)
-from ..models.moshi import FRAME_RATE
-from ..registry import register_task
-from .base import Document, Skipped, Task, audio_delays
+from ttt_bench.models.loading.moshi import FRAME_RATE
+from ttt_bench.registry import register_task
+from ttt_bench.tasks.base import Document, Skipped, Task, audio_delays
 
 logger = logging.getLogger(__name__)
 

@@ -30,14 +30,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..audio.codec import MimiCodec
-from ..audio.sources import AudioItem, make_source
-from ..config import TaskConfig, check_positive_int, check_select_and_split, _failer
-from ..metrics import (DocRecord, MetricsConfig, TaskMetrics, bootstrap_delta, bootstrap_ratio,
+from ttt_bench.audio.codec import MimiCodec
+from ttt_bench.audio.sources import AudioItem, make_source
+from ttt_bench.config import TaskConfig, check_positive_int, check_select_and_split, _failer
+from ttt_bench.metrics import (DocRecord, MetricsConfig, TaskMetrics, bootstrap_delta, bootstrap_ratio,
                        prediction_mask)
-from ..registry import register_task
-from .base import Document, audio_delays
-from .librilight_stream import ON_BAD_INPUT, LibriLightStreamTask
+from ttt_bench.registry import register_task
+from ttt_bench.tasks.base import Document, audio_delays
+from ttt_bench.tasks.librilight_stream import ON_BAD_INPUT, LibriLightStreamTask
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ class RecallMetrics(TaskMetrics):
 
     def plot(self, path, task: str, summaries: dict[str, RecallSummary], labels: dict[str, str]) -> None:
         """The gain curve over the final A per model, with its bootstrap band."""
-        from .. import plots  # noqa: F401  (selects the Agg backend)
+        from ttt_bench.reporting import plots  # noqa: F401  (selects the Agg backend)
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 4.5))

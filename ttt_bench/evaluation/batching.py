@@ -19,10 +19,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .metrics import DocRecord
-from .models.base import StreamLayout
-from .records import DocFailure
-from .tasks.base import Document, audio_delays
+from ttt_bench.metrics import DocRecord
+from ttt_bench.models.base import StreamLayout
+from ttt_bench.evaluation.records import DocFailure
+from ttt_bench.tasks.base import Document, audio_delays
 
 logger = logging.getLogger(__name__)
 

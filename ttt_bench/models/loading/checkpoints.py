@@ -531,7 +531,7 @@ def _ttt_fork_evidence(resolved: ResolvedCheckpoint) -> str | None:
 
 
 def sha256_cache_path() -> Path:
-    from ..audio.cache import default_cache_dir
+    from ttt_bench.audio.cache import default_cache_dir
 
     return default_cache_dir() / "file_sha256.json"
 

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .metrics import GROUPS, DocSummary, MetricsConfig  # noqa: E402
+from ttt_bench.metrics import GROUPS, DocSummary, MetricsConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ and nodes); a plain ``ttt-bench ...`` is one process. Every process holds the sc
 codec; the main process of each node encodes the audio first (warming the code cache), then
 every process loads the same document list, takes its share of the pending documents (longest
 first onto the least-loaded process), scores it and persists each document as soon as it is
-done (``ttt_bench.records``). The main process alone writes the outputs, always from the
+done (``ttt_bench.evaluation.records``). The main process alone writes the outputs, always from the
 persisted records, so a resumed run and an uninterrupted one produce the same results.
 """
 
@@ -29,16 +29,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .batching import BatchScorer, auto_batch_size, iter_batches
-from .distributed import Dist, shard_by_length
-from .interrupt import Interrupted, SignalGuard, exit_code
-from .metrics import DocRecord, TaskMetrics, raise_on_flags
-from .models.base import StreamLayout
-from .records import DocFailure, LogEntry, RecordStore, config_hash
-from .options import RunOptions
-from .tasks.base import Document
-from .version import __version__
-from .verify import CausalityError, VerificationError, verify_causality, verify_scorer
+from ttt_bench.evaluation.batching import BatchScorer, auto_batch_size, iter_batches
+from ttt_bench.evaluation.distributed import Dist, shard_by_length
+from ttt_bench.evaluation.interrupt import Interrupted, SignalGuard, exit_code
+from ttt_bench.metrics import DocRecord, TaskMetrics, raise_on_flags
+from ttt_bench.models.base import StreamLayout
+from ttt_bench.evaluation.records import DocFailure, LogEntry, RecordStore, config_hash
+from ttt_bench.options import RunOptions
+from ttt_bench.tasks.base import Document
+from ttt_bench.version import __version__
+from ttt_bench.evaluation.verify import CausalityError, VerificationError, verify_causality, verify_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def git_hash() -> str | None:
 
 def wrap_legacy(scorers: dict[str, Any], window: int | None) -> dict[str, Any]:
     """``use_fixed_method: false``: score every model with the old separate-forward-pass method."""
-    from .models.legacy import legacy_name, make_legacy
+    from ttt_bench.models.legacy import legacy_name, make_legacy
 
     return {legacy_name(name) if not s.is_legacy else name: (s if s.is_legacy else make_legacy(s, window))
             for name, s in scorers.items()}
@@ -365,7 +365,7 @@ def write_results(out: Path, spec: RunOptions, plans: list[TaskPlan], store: Rec
                   verifications: dict[str, dict[str, list[dict]]], dist: Dist,
                   groups: dict[str, Any] | None = None) -> dict[str, Any]:
     """results.json and the other outputs from the persisted records (main process)."""
-    from .report import write_outputs
+    from ttt_bench.reporting.report import write_outputs
 
     records, failures, n_missing = collect(plans, store)
     complete = complete and n_missing == 0

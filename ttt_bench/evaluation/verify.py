@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .models.base import StreamLayout
-from .models.streaming import forward_nll
+from ttt_bench.models.base import StreamLayout
+from ttt_bench.models.streaming import forward_nll
 
 logger = logging.getLogger(__name__)
 

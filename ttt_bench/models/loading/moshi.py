@@ -20,7 +20,7 @@ from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
-from .checkpoints import CheckpointError, LoadArgs, ResolvedCheckpoint, resolve_checkpoint
+from ttt_bench.models.loading.checkpoints import CheckpointError, LoadArgs, ResolvedCheckpoint, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .metrics import DocRecord
+from ttt_bench.metrics import DocRecord
 
 logger = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from typing import Any, Iterable
 import numpy as np
 from tabulate import tabulate
 
-from .metrics import DocRecord, MetricsConfig, StreamMetrics, TaskMetrics, as_task_metrics
-from .models.legacy import legacy_name
+from ttt_bench.metrics import DocRecord, MetricsConfig, StreamMetrics, TaskMetrics, as_task_metrics
+from ttt_bench.models.legacy import legacy_name
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def write_outputs(out_dir: Path, run: dict, records: dict[str, dict[str, list[Do
     """Write every output file of a run into ``out_dir``; return the leaderboard markdown.
     ``metrics_by_task[task]`` is the task's :class:`TaskMetrics` (a :class:`MetricsConfig`
     stands for the long-stream metrics)."""
-    from .plots import plot_loss_vs_position  # matplotlib only when plotting
+    from ttt_bench.reporting.plots import plot_loss_vs_position  # matplotlib only when plotting
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -181,7 +181,7 @@ def log_all(results: Mapping[str, Any], out_dir: Path, wandb_args=None, wandb_ru
             tensorboard_writer=None, step: int | None = None) -> None:
     if wandb_args is not None or wandb_run is not None:
         if isinstance(wandb_args, str):
-            from .options import parse_kv
+            from ttt_bench.options import parse_kv
 
             wandb_args = parse_kv(wandb_args, "wandb_args")
         log_wandb(results, out_dir, run=wandb_run, wandb_args=wandb_args, step=step)

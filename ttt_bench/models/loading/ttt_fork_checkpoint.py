@@ -26,8 +26,8 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.modules.lora import replace_lora_with_linear
 
-from .checkpoints import CheckpointError, ResolvedCheckpoint, key_mismatch, load_safetensors
-from .moshi import resolve_dtype
+from ttt_bench.models.loading.checkpoints import CheckpointError, ResolvedCheckpoint, key_mismatch, load_safetensors
+from ttt_bench.models.loading.moshi import resolve_dtype
 
 logger = logging.getLogger(__name__)
 

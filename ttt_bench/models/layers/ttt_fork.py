@@ -48,7 +48,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 from moshi.utils.compile import no_compile
 from torch import nn
 
-from .ttt_layers import TTTInputs, gelu_tanh_grad, head_layer_norm, head_layer_norm_l2_grad
+from ttt_bench.models.layers.ttt_layers import TTTInputs, gelu_tanh_grad, head_layer_norm, head_layer_norm_l2_grad
 
 INNER_LN_EPS = 1e-8   # the LayerNorm of the inner model's output and of its loss
 TARGET_LN_EPS = 1e-5  # added to the unbiased std of the value target

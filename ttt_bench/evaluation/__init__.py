@@ -1,0 +1,1 @@
+"""The evaluation loop: plan, verify, score, gather, write; batching, records, processes."""

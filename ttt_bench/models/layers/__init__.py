@@ -1,0 +1,1 @@
+"""TTT layers inserted into Moshi's transformer (TTT-Linear/MLP, the TTT fork's layer)."""

@@ -1,0 +1,1 @@
+"""Reporting: results.json, leaderboard tables, plots, W&B and TensorBoard."""
