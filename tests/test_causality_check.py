@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ttt_bench import registry
+from ttt_bench import names, registry
 from ttt_bench.cli import main
 from ttt_bench.models.base import StreamLayout
 from ttt_bench.models.frozen import FrozenScorer
@@ -81,7 +81,7 @@ def test_a_leak_inside_a_block_is_caught(lm32, codes, block):
 @pytest.fixture
 def peeking_model(monkeypatch):
     registry.list_models()  # built-ins first, then the test adapter beside them
-    monkeypatch.setitem(registry._MODELS, "peeking", lambda **kw: BlockPeekScorer(block=16, **kw))
+    monkeypatch.setitem(names._MODELS, "peeking", lambda **kw: BlockPeekScorer(block=16, **kw))
 
 
 RUN = ["--model", "frozen,peeking", "--model_args", "preset=tiny", "--tasks", "librilight_sample",

@@ -131,12 +131,12 @@ def test_module_entry_point_help():
 def test_entry_point_plugins_register_models(monkeypatch):
     from importlib.metadata import EntryPoint
 
-    from ttt_bench import registry
+    from ttt_bench import names, registry
 
     plugin = EntryPoint(name="mine", value="plugin_model_for_tests", group="ttt_bench.models")
-    monkeypatch.setattr(registry, "entry_points", lambda group: [plugin] if group == "ttt_bench.models" else [])
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    monkeypatch.setattr(names, "entry_points", lambda group: [plugin] if group == "ttt_bench.models" else [])
+    monkeypatch.setattr(names, "_plugins_loaded", False)
+    monkeypatch.setattr(names, "_MODELS", dict(names._MODELS))
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "plugins"))
     assert "plugin_model" in registry.list_models()
     assert get_model("plugin_model").name == "plugin_model"
@@ -200,9 +200,9 @@ def test_network_failures_say_what_to_do():
 def test_a_run_whose_loss_fails_verification_stops_with_no_results(tmp_path, capsys, monkeypatch):
     from test_verify import SeparatePassScorer
 
-    from ttt_bench import registry
+    from ttt_bench import names
 
-    monkeypatch.setattr(registry, "_MODELS", {**registry._MODELS, "separate_pass": SeparatePassScorer})
+    monkeypatch.setattr(names, "_MODELS", {**names._MODELS, "separate_pass": SeparatePassScorer})
     out = tmp_path / "out"
     code = main(["--model", "separate_pass", "--model_args", "preset=tiny", "--tasks", "librilight_sample",
                  "--chunk_size", "16", "--output_path", str(out), *SMALL])

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import yaml
 
+from ttt_bench.names import UnknownNameError, get_task_class
 from ttt_bench.options import yaml_error_line
 
 
@@ -170,8 +171,6 @@ def check_positive_int(fail: Callable[[str, str, Any], None], config: Any, key: 
 
 def config_class_of(task_class: Any, source: str) -> type[TaskConfig]:
     """The config dataclass the task class ``task_class`` declares (``config_class``)."""
-    from ttt_bench.registry import UnknownNameError, get_task_class
-
     if not isinstance(task_class, str):
         raise ConfigError(f"{source}: key 'class' must be a registered task class name, got {task_class!r}")
     try:
