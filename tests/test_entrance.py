@@ -214,3 +214,18 @@ def test_the_readme_config_file_is_valid(tmp_path):
     args = vars(parse_run_args(["--config", str(tmp_path / "run.yaml"), "--limit", "2"]))
     assert args["model"] == "frozen,ttt" and args["model_args"] == "preset=tiny,ttt.layers=[1]"
     assert args["chunk_size"] == 128 and args["limit"] == 2
+
+
+def test_an_adapter_takes_its_constructors_keyword_arguments():
+    """The README's "Adding a model" example: its own option and frozen's loading arguments."""
+    from ttt_bench.models.frozen import FrozenScorer
+
+    class MyMoshi(FrozenScorer):
+        name = "my_moshi"
+
+        def __init__(self, my_option: float = 1.0, **load_args):
+            super().__init__(**load_args)
+
+    MyMoshi.check_args({"my_option": 2.0, "preset": "tiny", "hf_repo": "x", "checkpoint": "y"}, 64)
+    with pytest.raises(ValueError, match="model 'my_moshi': unknown model_args my_optoin"):
+        MyMoshi.check_args({"my_optoin": 2.0}, 64)
