@@ -37,16 +37,16 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
+def _register(table: dict[str, Any], kind: str, name: str, obj: Any) -> Any:
+    if name in table and table[name] is not obj:
+        raise ValueError(f"{kind} {name!r} is already registered by {table[name]!r}")
+    table[name] = obj
+    return obj
+
+
 def register_model(name: str) -> Callable:
     """Decorator: ``@register_model("frozen")`` on a class or factory returning a scorer."""
-
-    def wrap(factory):
-        if name in _MODELS and _MODELS[name] is not factory:
-            raise ValueError(f"model {name!r} is already registered by {_MODELS[name]!r}")
-        _MODELS[name] = factory
-        return factory
-
-    return wrap
+    return lambda factory: _register(_MODELS, "model", name, factory)
 
 
 def register_task(name: str) -> Callable:
@@ -55,14 +55,7 @@ def register_task(name: str) -> Callable:
     The name is the task *class*; YAML configs name it in their ``class:`` key. A class
     registered this way is also a task of its own name with the class defaults.
     """
-
-    def wrap(cls):
-        if name in _TASK_CLASSES and _TASK_CLASSES[name] is not cls:
-            raise ValueError(f"task class {name!r} is already registered by {_TASK_CLASSES[name]!r}")
-        _TASK_CLASSES[name] = cls
-        return cls
-
-    return wrap
+    return lambda cls: _register(_TASK_CLASSES, "task class", name, cls)
 
 
 def load_plugins() -> None:
