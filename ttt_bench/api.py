@@ -26,16 +26,15 @@ from ttt_bench.audio.cache import CodeCache
 from ttt_bench.audio.codec import MimiCodec
 from ttt_bench.evaluation.distributed import Dist
 from ttt_bench.models.base import StreamingScorer
-from ttt_bench.models.loading.checkpoints import LoadArgs
 from ttt_bench.models.frozen import FrozenScorer
-from ttt_bench.models.loading.moshi import ModelSource, resolve_dtype
+from ttt_bench.models.loading.moshi import LOAD_ARG_NAMES, ModelSource, resolve_dtype
 from ttt_bench.options import API_OPTIONS, DEFAULT_TASKS, ModelArgs, RunOptions, as_mapping, as_names, check_options
 from ttt_bench.registry import add_task_config_dir, check_model_args, expand_tasks, get_model, get_task
 from ttt_bench.evaluation.runner import Evaluation, open_store
 
 logger = logging.getLogger(__name__)
 
-CODEC_ARGS = ("mimi", "preset", "pretrained", "seed")  # with moshi's loading arguments: an LMModel's Mimi
+CODEC_ARGS = LOAD_ARG_NAMES + ("seed", "mimi")  # where a model's weights and Mimi come from; mimi: a MimiModel
 _CODECS: dict[tuple, Any] = {}  # loaded Mimi codecs, so repeated calls in a training loop load once
 
 
@@ -89,11 +88,6 @@ def check_lm_device_dtype(name: str, lm, device: str | None, dtype: str | None) 
                          "(an LMModel is evaluated as it is, never cast)")
 
 
-def codec_args() -> tuple[str, ...]:
-    """The model_args that say where an LMModel's Mimi comes from."""
-    return CODEC_ARGS + LoadArgs.names()
-
-
 def codec_source(args: Mapping[str, Any], seed: int) -> ModelSource:
     """The ModelSource whose Mimi encodes the audio for an LMModel: ``preset``, or moshi's loading
     arguments (``hf_repo``, ``checkpoint``, ``mimi_weight``, ...; moshiko's by default)."""
@@ -123,10 +117,10 @@ def shared_source(sources: dict[str, ModelSource]) -> ModelSource:
     return next(iter(sources.values()))
 
 
-def codec_for(entries: dict[str, Any], per_model: dict[str, dict[str, Any]], scorers: dict[str, StreamingScorer],
+def codec_for(entries: dict[str, Any], per_model: dict[str, ModelArgs], scorers: dict[str, StreamingScorer],
               device: torch.device, seed: int) -> MimiCodec:
     """The one Mimi codec every model's codes come from (a given ``mimi=``, or a loaded one)."""
-    mimis = {id(a["mimi"]): a["mimi"] for a in per_model.values() if a.get("mimi") is not None}
+    mimis = {id(a.load["mimi"]): a.load["mimi"] for a in per_model.values() if a.load.get("mimi") is not None}
     if len(mimis) > 1:
         raise ValueError("model_args: several different mimi= codecs; evaluate models of different codecs "
                          "in separate calls")
@@ -135,22 +129,22 @@ def codec_for(entries: dict[str, Any], per_model: dict[str, dict[str, Any]], sco
     sources = {name: scorer.source for name, scorer in scorers.items()}
     for name, entry in entries.items():
         if is_lm(entry) or sources[name] is None:
-            sources[name] = codec_source(per_model[name], seed)
+            sources[name] = codec_source(per_model[name].load, seed)
     return load_codec(shared_source(sources), device)
 
 
-def check_models(entries: dict[str, Any], per_model: dict[str, dict[str, Any]], spec: RunOptions) -> None:
+def check_models(entries: dict[str, Any], per_model: dict[str, ModelArgs], spec: RunOptions) -> None:
     """Every model named, its ``model_args`` and the chunk size, refused before anything loads."""
     for name, entry in entries.items():
+        args = per_model[name]
         if isinstance(entry, str):
-            check_model_args(entry, {k: v for k, v in per_model[name].items() if k not in ("mimi", "seed")},
+            check_model_args(entry, {k: v for k, v in args.kwargs().items() if k not in ("mimi", "seed")},
                              spec.chunk_size)
         elif is_lm(entry):
             check_lm_device_dtype(name, entry, spec.device, spec.dtype)
-            unknown = sorted(set(per_model[name]) - set(codec_args()))
-            if unknown:
-                raise ValueError(f"model_args {', '.join(unknown)}: model {name!r} is an LMModel you built; its "
-                                 f"model_args only say where its Mimi comes from ({', '.join(codec_args())})")
+            if args.options:
+                raise ValueError(f"model_args {', '.join(sorted(args.options))}: model {name!r} is an LMModel you "
+                                 f"built; its model_args only say where its Mimi comes from ({', '.join(CODEC_ARGS)})")
         else:
             entry.check_chunk_size(spec.chunk_size)
 
@@ -164,13 +158,12 @@ def run_dtype(entries: dict[str, Any], dtype: str | None) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
-def build_scorers(entries: dict[str, Any], per_model: dict[str, dict[str, Any]], device: torch.device,
+def build_scorers(entries: dict[str, Any], per_model: dict[str, ModelArgs], device: torch.device,
                   spec: RunOptions) -> dict[str, StreamingScorer]:
     scorers = {}
     for name, entry in entries.items():
-        args = per_model[name]
         if isinstance(entry, str):
-            kwargs = {k: v for k, v in args.items() if k != "mimi"}
+            kwargs = {k: v for k, v in per_model[name].kwargs().items() if k != "mimi"}
             kwargs.setdefault("seed", spec.seed)
             logger.info("loading model %s (%s) %s", name, entry, jsonable_args(kwargs))
             if "lm" in kwargs:  # the caller's LMModel: evaluated where and as it is
@@ -186,7 +179,7 @@ def build_scorers(entries: dict[str, Any], per_model: dict[str, dict[str, Any]],
     return scorers
 
 
-def given_modules(entries: dict[str, Any], per_model: dict[str, dict[str, Any]]) -> list[torch.nn.Module]:
+def given_modules(entries: dict[str, Any], per_model: dict[str, ModelArgs]) -> list[torch.nn.Module]:
     """The caller's modules: LMModels, scorers' models, and a ``mimi=`` codec."""
     modules = []
     for name, entry in entries.items():
@@ -194,7 +187,7 @@ def given_modules(entries: dict[str, Any], per_model: dict[str, dict[str, Any]])
             modules.append(entry)
         elif not isinstance(entry, str) and isinstance(getattr(entry, "lm", None), torch.nn.Module):
             modules.append(entry.lm)
-        for value in per_model[name].values():
+        for value in per_model[name].kwargs().values():
             if isinstance(value, torch.nn.Module):
                 modules.append(value)
     return modules
@@ -263,10 +256,9 @@ def simple_evaluate(model: Any, model_args: str | Mapping[str, Any] | None = Non
     task_names, groups = expand_tasks(spec.tasks)
     built_tasks = {name: get_task(name, **(spec.task_args or {})) for name in task_names}
     entries = named_models(model)
-    per_model = ModelArgs.per_model(list(entries), spec.model_args)
+    per_model = {name: ModelArgs.split(args, CODEC_ARGS)
+                 for name, args in ModelArgs.per_model(list(entries), spec.model_args).items()}
     check_models(entries, per_model, spec)
-    per_model = {name: ({k: v for k, v in args.items() if k in codec_args()} if is_lm(entries[name]) else args)
-                 for name, args in per_model.items()}
     lm_entries = [e for e in entries.values() if is_lm(e)]
     device = lm_device_dtype(lm_entries[0])[0] if lm_entries else resolve_device(spec.device)
     dist = Dist.join(device, spec.distributed)

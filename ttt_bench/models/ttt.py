@@ -32,7 +32,8 @@ from ttt_bench.models.loading.checkpoints import (TRAINING_CONFIG_NAME, Checkpoi
                           safetensors_shapes)
 from ttt_bench.models.loading import ttt_fork_checkpoint as fork
 from ttt_bench.models.frozen import FrozenScorer
-from ttt_bench.models.loading.moshi import ModelSource
+from ttt_bench.models.loading.moshi import LOAD_ARG_NAMES, ModelSource
+from ttt_bench.options import ModelArgs
 from ttt_bench.models.layers.ttt_fork import ForkTTTBlock, ForkTTTConfig, insert_fork_ttt_block
 from ttt_bench.models.layers.ttt_layers import INNER_KINDS, TTTBranch, insert_ttt_branch, reset_streaming_children_cache
 
@@ -47,7 +48,6 @@ ARCHS = ("ttt_bench", "moshi_finetune_ttt")
 FORK_ARCH = "moshi_finetune_ttt"
 FORK_ONLY = {"causal": True, "mlp_layers": 2, "mlp_hidden_dims": None, "mlp_expansion_factor": 4.0,
              "use_rope": False, "rope_theta": 10000.0}  # options of the fork's layer, and their defaults
-LOAD_ARG_NAMES = ("preset", "pretrained", *LoadArgs.names())
 
 
 @dataclass
@@ -257,8 +257,9 @@ class TTTScorer(FrozenScorer):
                  dtype: str | torch.dtype | None = None, seed: int = 0, ttt_checkpoint: str | Path | None = None,
                  **kwargs: Any):
         self.ttt_checkpoint = str(ttt_checkpoint) if ttt_checkpoint is not None else None
-        load_args = {k: v for k, v in kwargs.items() if k in LOAD_ARG_NAMES and v is not None}
-        ttt_options = {k: v for k, v in kwargs.items() if k not in LOAD_ARG_NAMES}
+        args = ModelArgs.split(kwargs, LOAD_ARG_NAMES)
+        load_args = {k: v for k, v in args.load.items() if v is not None}
+        ttt_options = args.options
         self.fork_checkpoint: dict[str, Any] | None = None
         if lm is None and ttt_checkpoint is None and load_args.get("checkpoint") and "preset" not in load_args:
             source = ModelSource.make(seed=seed, **load_args)

@@ -62,6 +62,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {"lm": TINY_LM_CONFIG, "mimi": TINY_MIMI_CONFIG},
 }
 
+# Where a model's weights (and so its Mimi codec) come from, beside its adapter's own options.
+LOAD_ARG_NAMES = ("preset", "pretrained", *LoadArgs.names())
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
