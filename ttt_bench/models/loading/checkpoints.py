@@ -22,10 +22,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import requests
 import torch
 from moshi.models import loaders
 
@@ -38,6 +40,8 @@ TRAINING_CONFIG_NAME = "training_config.json"
 TTT_FORK_KEY_PARTS = (".seq_modeling_block.", ".original_layer.")  # the TTT fork's wrapped layers
 NO_TOKENIZER = Path(os.devnull)  # ttt-bench never reads text
 SHOWN_KEYS = 5  # how many keys an error lists
+# what a request that got no answer raises (huggingface_hub's OfflineModeIsEnabled is a ConnectionError)
+NO_ANSWER = (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)
 
 
 class CheckpointError(ValueError):
@@ -171,8 +175,9 @@ def resolve_checkpoint(args: LoadArgs) -> ResolvedCheckpoint:
     trained_on, training_args_path = _trained_base(directory) if directory is not None else ({}, None)
     args, trained_files = _with_trained_base(args, trained_on, training_args_path)
     hf_repo = args.hf_repo or loaders.DEFAULT_REPO
-    base = _Base(hf_repo)
-    config_path = (_user_file(args.config_path, "config_path") if args.config_path
+    hub = _Hub()  # the Hub is probed at most once per model
+    base = _Base(hf_repo, hub)
+    config_path = (_user_file(args.config_path, "config_path", hub) if args.config_path
                    else directory / CONFIG_NAME if directory is not None
                    else base.config())
     if directory is not None and not config_path.is_file():
@@ -187,14 +192,14 @@ def resolve_checkpoint(args: LoadArgs) -> ResolvedCheckpoint:
         kind, found = _finetune_weights(directory)
         lora_weights, full_weights = (found, None) if kind == "lora" else (None, found)
     if args.lora_weight:
-        lora_weights, kind = _user_file(args.lora_weight, "lora_weight"), "lora"
+        lora_weights, kind = _user_file(args.lora_weight, "lora_weight", hub), "lora"
     elif names["lora_name"] and kind == "base":
         lora_weights, kind = base.file(names["lora_name"], "lora_name"), "lora"
 
-    moshi_weights = (_user_file(args.moshi_weight, "moshi_weight") if args.moshi_weight
+    moshi_weights = (_user_file(args.moshi_weight, "moshi_weight", hub) if args.moshi_weight
                      else full_weights or trained_files.get("moshi_weights")
                      or base.file(names["moshi_name"], "moshi_name"))
-    mimi_weights = (_user_file(args.mimi_weight, "mimi_weight") if args.mimi_weight
+    mimi_weights = (_user_file(args.mimi_weight, "mimi_weight", hub) if args.mimi_weight
                     else trained_files.get("mimi_weights") or base.file(names["mimi_name"], "mimi_name"))
     mimi_config_path = base.file(names["mimi_config_name"], "mimi_config_name") if names["mimi_config_name"] else None
     training_config_path = directory / TRAINING_CONFIG_NAME if directory is not None else None
@@ -268,8 +273,9 @@ def _with_trained_base(args: LoadArgs, trained_on: dict[str, Any], where: Path |
 class _Base:
     """The base repo: a Hub id (through the HF cache, as moshi resolves it) or a local folder."""
 
-    def __init__(self, hf_repo: str):
+    def __init__(self, hf_repo: str, hub: "_Hub | None" = None):
         self.hf_repo = hf_repo
+        self.hub = hub or _Hub()
         local = Path(hf_repo).expanduser()
         self.local = local if local.is_dir() else None
         if self.local is None and (local.exists() or hf_repo.startswith((".", "/", "~")) or hf_repo.count("/") != 1):
@@ -285,24 +291,12 @@ class _Base:
             warn_once(f"{self.local} holds no {CONFIG_NAME}: assuming Moshi 7B with moshi's default file "
                       f"names ({loaders.MOSHI_NAME}, {loaders.MIMI_NAME}), as moshi's loader does")
             return None
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
         try:
-            return Path(hf_hub_download(self.hf_repo, CONFIG_NAME))
-        except LocalEntryNotFoundError as exc:
-            if self._cached():  # the repo is in the cache, without a config.json
+            return self.hub.get(self.hf_repo, CONFIG_NAME, missing_ok=True) or self._no_config()
+        except HubUnreachableError:
+            if _cached(self.hf_repo):  # the repo is in the cache, without a config.json
                 return self._no_config()
-            raise _hub_error(self.hf_repo, CONFIG_NAME, exc) from None
-        except EntryNotFoundError:
-            return self._no_config()
-        except Exception as exc:  # huggingface_hub raises several types for missing repos / offline
-            raise _hub_error(self.hf_repo, CONFIG_NAME, exc) from None
-
-    def _cached(self) -> bool:
-        from huggingface_hub import constants
-
-        return (Path(constants.HF_HUB_CACHE) / f"models--{self.hf_repo.replace('/', '--')}" / "snapshots").is_dir()
+            raise
 
     def _no_config(self) -> None:
         warn_once(f"Repository {self.hf_repo} contains no {CONFIG_NAME}: assuming Moshi 7B with moshi's default "
@@ -311,17 +305,14 @@ class _Base:
 
     def file(self, name: str, role: str) -> Path:
         if name.startswith(("hf://", "file://")) or Path(name).is_absolute():
-            return _user_file(name, role)
+            return _user_file(name, role, self.hub)
         if self.local is not None:
             path = self.local / name
             if not path.is_file():
                 raise FileNotFoundError(f"Moshi checkpoint {self.local}: {role} file {name} not found "
                                         f"(looked for {path})")
             return path
-        try:
-            return loaders.hf_get(name, self.hf_repo)
-        except Exception as exc:
-            raise _hub_error(self.hf_repo, name, exc) from None
+        return self.hub.get(self.hf_repo, name)
 
 
 _warned: set[str] = set()
@@ -333,24 +324,117 @@ def warn_once(message: str) -> None:
         logger.warning(message)
 
 
+class HubUnreachableError(CheckpointError):
+    """A Hub file that is not in the HF cache while the Hub cannot be reached (offline or no network)."""
+
+
+# How long the probe waits for a TCP connection to the Hub, unless HF_HUB_ETAG_TIMEOUT is set (then
+# that): where the Hub is reachable a connection takes well under a second, and where it is not
+# (a firewall that drops packets) nobody should wait for huggingface_hub's 10 s, five times over.
+PROBE_CONNECT_TIMEOUT_S = 3.0
+
+
+class _Hub:
+    """Files of Hub repos through the HF cache, as moshi's ``hf_get`` finds them, except when the
+    Hub cannot be reached: then huggingface_hub would retry every request five times (1+2+4+8+8 s of
+    back-off, a warning per try) before falling back to its cache. Instead, before the first
+    download, one request with a short timeout and no retry asks whether the Hub answers at all
+    (any HTTP status counts as an answer); if it does not, files come from the cache alone
+    (``local_files_only``, what huggingface_hub falls back to), and a file missing there is a
+    :class:`HubUnreachableError` that says what to do. A Hub that answers gets huggingface_hub's
+    downloads untouched: their timeouts and retries are not shortened. With ``HF_HUB_OFFLINE=1``
+    nothing is sent at all."""
+
+    def __init__(self):
+        self._unreachable: str | None = None  # why the Hub cannot be reached
+        self._probed = False
+
+    def get(self, repo: str, filename: str, missing_ok: bool = False) -> Path | None:
+        """The file's local path; None for a file the repo does not hold when ``missing_ok``."""
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else self._probe(repo, filename)
+        try:
+            if reason is None:
+                return Path(hf_hub_download(repo, filename))
+            path = Path(hf_hub_download(repo, filename, local_files_only=True))
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:  # not in the cache, and no answer
+            # (or, after the probe, an answer huggingface_hub does not understand, e.g. a bare 404)
+            cause = exc.__cause__ or exc
+            if reason is None and not isinstance(cause, NO_ANSWER):
+                raise _hub_error(repo, filename, cause) from None
+            # the Hub may also stop answering between the probe and the download (huggingface_hub
+            # then retried, with its warnings)
+            raise HubUnreachableError(_unreachable_message(repo, filename, reason or _short_reason(cause))) from None
+        except EntryNotFoundError as exc:  # the Hub answered: the repo holds no such file
+            if missing_ok:
+                return None
+            raise _hub_error(repo, filename, exc) from None
+        except Exception as exc:  # the Hub answered: no such repo, gated, unauthorised, ...
+            raise _hub_error(repo, filename, exc) from None
+        if not constants.HF_HUB_OFFLINE:
+            warn_once(f"the Hugging Face Hub cannot be reached ({reason}): using the cached copy of {repo}")
+        return path
+
+    def _probe(self, repo: str, filename: str) -> str | None:
+        """None when the Hub answers a HEAD request for the file, otherwise why not (once)."""
+        if self._probed:
+            return self._unreachable
+        from huggingface_hub import constants, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session
+
+        connect = constants.HF_HUB_ETAG_TIMEOUT if "HF_HUB_ETAG_TIMEOUT" in os.environ else PROBE_CONNECT_TIMEOUT_S
+        url = hf_hub_url(repo, filename)
+        try:
+            get_session().head(url, headers=build_hf_headers(), allow_redirects=False,
+                               timeout=(connect, constants.HF_HUB_ETAG_TIMEOUT))
+        except OSError as exc:  # requests' connection errors and timeouts are OSErrors
+            self._unreachable = f"{constants.ENDPOINT}: {_short_reason(exc)}"
+        self._probed = True
+        return self._unreachable
+
+
+def _cached(repo: str) -> bool:
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots").is_dir()
+
+
+def _short_reason(exc: BaseException) -> str:
+    """A connection error in a few words (requests' messages nest urllib3's several levels deep)."""
+    if isinstance(exc, requests.Timeout):
+        return f"no answer in time ({type(exc).__name__})"
+    text = str(exc)
+    errno = re.findall(r"\[Errno -?\d+\] [^)'\"]+", text)
+    if errno:
+        return errno[-1].strip()
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first and len(first) <= 200 else type(exc).__name__
+
+
+def _unreachable_message(repo: str, filename: str, reason: str) -> str:
+    """One line: what is missing, why, and the three ways out."""
+    from huggingface_hub import constants
+
+    return (f"Moshi checkpoint {repo} ({filename}) is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
+            f"and the Hub cannot be reached ({reason}). Either fill the cache where the Hub is reachable "
+            f"(`hf download {repo}`, same HF_HOME) and run with HF_HUB_OFFLINE=1; or pass hf_repo=LOCAL_DIR, "
+            "a folder holding a copy of the repository; or preset=tiny for a smoke run (random weights, "
+            "not a measurement)")
+
+
 def _hub_error(hf_repo: str, name: str, exc: Exception) -> FileNotFoundError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    hint = (" HF_HUB_OFFLINE is set: the files must already be in the HF cache "
-            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'})."
-            if offline else "")
     first_line = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-    return FileNotFoundError(f"could not load {name} of Moshi checkpoint {hf_repo!r}: {first_line}.{hint}")
+    return FileNotFoundError(f"could not load {name} of Moshi checkpoint {hf_repo!r}: {first_line}")
 
 
-def _user_file(value: str | Path, role: str) -> Path:
+def _user_file(value: str | Path, role: str, hub: "_Hub | None" = None) -> Path:
     """A file argument: a local path or ``hf://org/repo/file`` (through the HF cache, as moshi)."""
     text = str(value)
     if text.startswith("hf://"):
-        try:
-            return loaders.hf_get(text)
-        except Exception as exc:
-            parts = text.removeprefix("hf://").split("/")
-            raise _hub_error("/".join(parts[:2]), "/".join(parts[2:]), exc) from None
+        parts = text.removeprefix("hf://").split("/")
+        return (hub or _Hub()).get("/".join(parts[:2]), "/".join(parts[2:]))
     path = loaders.hf_get(text).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{role}={text}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
