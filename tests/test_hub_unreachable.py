@@ -133,7 +133,7 @@ def test_a_hub_that_answers_is_not_reported_unreachable(tmp_path, answering_hub)
 
 
 def test_in_process_offline_error_is_a_checkpoint_error_and_nothing_is_logged(hf_hub_cache, caplog):
-    from ttt_bench.models.checkpoints import CheckpointError
+    from ttt_bench.models.loading.checkpoints import CheckpointError
     from ttt_bench.registry import get_model
 
     with caplog.at_level(logging.WARNING), pytest.raises(CheckpointError) as info:

@@ -30,7 +30,7 @@ def test_load_from_local_directory(tmp_path, codes):
 
 
 def test_missing_repo_says_where_it_looked(hf_hub_cache):
-    from ttt_bench.models.checkpoints import CheckpointError
+    from ttt_bench.models.loading.checkpoints import CheckpointError
 
     with pytest.raises(CheckpointError, match="not-there/nothing.*HF_HUB_OFFLINE"):
         get_model("frozen", pretrained="not-there/nothing")
