@@ -27,6 +27,8 @@ from ttt_bench.audio.codec import MimiCodec
 from ttt_bench.evaluation.distributed import Dist
 from ttt_bench.models.base import StreamingScorer
 from ttt_bench.models.frozen import FrozenScorer
+from ttt_bench.models.loading.series import expand_series
+from ttt_bench.models.series import build_series, check_runs, series_args
 from ttt_bench.models.loading.moshi import LOAD_ARG_NAMES, ModelSource, resolve_dtype
 from ttt_bench.options import API_OPTIONS, DEFAULT_TASKS, ModelArgs, RunOptions, as_mapping, as_names, check_options
 from ttt_bench.registry import add_task_config_dir, check_model_args, expand_tasks, get_model, get_task
@@ -159,9 +161,18 @@ def run_dtype(entries: dict[str, Any], dtype: str | None) -> str:
 
 
 def build_scorers(entries: dict[str, Any], per_model: dict[str, ModelArgs], device: torch.device,
-                  spec: RunOptions) -> dict[str, StreamingScorer]:
+                  spec: RunOptions, series: dict[str, list] | None = None) -> dict[str, StreamingScorer]:
+    """series: the checked checkpoints of each training run; each run's model is built once."""
+    prebuilt: dict[str, StreamingScorer] = {}
+    for checked in (series or {}).values():
+        def build_first(first, name=checked[0].member.name):
+            return build_scorers({name: entries[name]}, {name: series_args(per_model[name], first)}, device, spec)[name]
+        prebuilt.update(build_series(build_first, checked))
     scorers = {}
     for name, entry in entries.items():
+        if name in prebuilt:
+            scorers[name] = prebuilt[name]
+            continue
         if isinstance(entry, str):
             kwargs = {k: v for k, v in per_model[name].kwargs().items() if k != "mimi"}
             kwargs.setdefault("seed", spec.seed)
@@ -258,20 +269,27 @@ def simple_evaluate(model: Any, model_args: str | Mapping[str, Any] | None = Non
     entries = named_models(model)
     per_model = {name: ModelArgs.split(args, CODEC_ARGS)
                  for name, args in ModelArgs.per_model(list(entries), spec.model_args).items()}
+    asked = list(entries)
+    entries, per_model, runs = expand_series(entries, per_model)  # a training run: one model per checkpoint
     check_models(entries, per_model, spec)
+    series, skipped_checkpoints = check_runs(runs, per_model, spec.seed, spec.on_error)
+    for skipped in skipped_checkpoints:
+        entries.pop(skipped["model"])
+        per_model.pop(skipped["model"])
     lm_entries = [e for e in entries.values() if is_lm(e)]
     device = lm_device_dtype(lm_entries[0])[0] if lm_entries else resolve_device(spec.device)
     dist = Dist.join(device, spec.distributed)
 
     with tempfile.TemporaryDirectory(prefix="ttt_bench_") as scratch, \
             preserved(given_modules(entries, per_model)):
-        spec = spec.replace(model=list(entries), device=str(dist.device), dtype=run_dtype(entries, spec.dtype),
+        spec = spec.replace(model=asked, device=str(dist.device), dtype=run_dtype(entries, spec.dtype),
                             output_path=str(spec.output_path) if spec.output_path is not None else scratch)
         out, store = open_store(spec, built_tasks, dist)
         torch.manual_seed(spec.seed)
-        scorers = build_scorers(entries, per_model, dist.device, spec)
+        scorers = build_scorers(entries, per_model, dist.device, spec, series)
         codec = codec_for(entries, per_model, scorers, dist.device, spec.seed)
-        results = Evaluation(spec, built_tasks, groups, scorers, codec, dist, store, out).run()
+        results = Evaluation(spec, built_tasks, groups, scorers, codec, dist, store, out,
+                             skipped_checkpoints=skipped_checkpoints).run()
         if results is None:
             return None
         if options.get("output_path") is None:

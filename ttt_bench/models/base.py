@@ -82,6 +82,10 @@ class StreamingScorer(ABC):
         """The files the model was loaded from, with their sha256 (None: nothing loaded)."""
         return None
 
+    def weights_changed(self) -> None:
+        """``lm``'s weights were replaced in place (the next checkpoint of a series): drop
+        anything kept from the old ones."""
+
     @classmethod
     def check_args(cls, args: Mapping[str, Any], chunk_size: int) -> None:
         """Refuse, before anything is loaded, ``model_args`` this adapter does not take and chunk

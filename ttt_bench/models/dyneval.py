@@ -128,6 +128,10 @@ class DynEvalScorer(FrozenScorer):
         detach_streaming_state(self.lm)
         return nll.detach()
 
+    def weights_changed(self) -> None:
+        """A new checkpoint: every document starts from its weights."""
+        self._initial = {name: p.detach().clone() for name, p in self.trainable}
+
     def _restore(self) -> None:
         with torch.no_grad():
             for name, p in self.trainable:

@@ -49,6 +49,9 @@ class LegacyScorer(StreamingScorer):
     def record_source(self) -> dict[str, Any] | None:
         return self.base.record_source()  # the legacy method scores its base's weights
 
+    def weights_changed(self) -> None:
+        self.base.weights_changed()
+
     def score(self, codes: torch.Tensor, chunk_size: int = 64,
               layout: StreamLayout | None = None) -> torch.Tensor:
         check_score_args(codes, chunk_size)
