@@ -34,6 +34,7 @@ from ttt_bench.evaluation.distributed import Dist, shard_by_length
 from ttt_bench.evaluation.interrupt import Interrupted, SignalGuard, exit_code
 from ttt_bench.metrics import DocRecord, TaskMetrics, raise_on_flags
 from ttt_bench.models.base import StreamLayout
+from ttt_bench.evaluation import series as series_resume
 from ttt_bench.evaluation.records import DocFailure, LogEntry, RecordStore, config_hash
 from ttt_bench.options import RunOptions
 from ttt_bench.tasks.base import Document
@@ -194,29 +195,34 @@ def no_documents_message(name: str, task) -> str:
             "limits (min_duration_s, max_frames, select), or --limit")
 
 
-def verify_all(plans: list[TaskPlan], spec: RunOptions) -> dict[str, dict[str, list[dict]]]:
+def verify_all(plans: list[TaskPlan], spec: RunOptions, skip: set[tuple[str, str]] = frozenset()
+               ) -> dict[str, dict[str, list[dict]]]:
     """Built-in checks of every model on each task's first document: the streaming loss against a
-    plain forward pass (``verify_loss_computation``) and causality (``verify_causality``)."""
+    plain forward pass (``verify_loss_computation``) and causality (``verify_causality``).
+    skip: (task, model) not checked again (a resumed series' finished checkpoints)."""
     out: dict[str, dict[str, list[dict]]] = {"verification": {}, "causality": {}}
     for plan in plans:
         doc = plan.docs[0]
         out["verification"][plan.name] = [
             verify_scorer(name, scorer, doc.doc_id, doc.codes, spec.chunk_size, plan.layout).to_dict()
-            for name, scorer in plan.scorers.items()] if plan.config.verify_loss_computation else []
+            for name, scorer in plan.scorers.items()
+            if (plan.name, name) not in skip] if plan.config.verify_loss_computation else []
         out["causality"][plan.name] = [
             verify_causality(name, scorer, doc.doc_id, doc.codes, spec.chunk_size, plan.layout,
                              spec.allow_lookahead or scorer.lookahead).to_dict()
-            for name, scorer in plan.scorers.items()] if plan.config.verify_causality else []
+            for name, scorer in plan.scorers.items()
+            if (plan.name, name) not in skip] if plan.config.verify_causality else []
     return out
 
 
-def verify_on_main(plans: list[TaskPlan], spec: RunOptions, dist: Dist) -> dict[str, dict[str, list[dict]]]:
+def verify_on_main(plans: list[TaskPlan], spec: RunOptions, dist: Dist,
+                   skip: set[tuple[str, str]] = frozenset()) -> dict[str, dict[str, list[dict]]]:
     """``verify_all`` on the main process; a failure there stops every process with its message
     (instead of leaving the others waiting at the next collective)."""
     verifications, error = {}, None
     if dist.is_main:
         try:
-            verifications = verify_all(plans, spec)
+            verifications = verify_all(plans, spec, skip)
         except VerificationError as exc:
             error = (type(exc).__name__, str(exc))
     error = dist.broadcast(error)
@@ -363,7 +369,8 @@ def resume_command(spec: RunOptions, dist: Dist) -> str:
 
 def write_results(out: Path, spec: RunOptions, plans: list[TaskPlan], store: RecordStore, complete: bool,
                   verifications: dict[str, dict[str, list[dict]]], dist: Dist,
-                  groups: dict[str, Any] | None = None) -> dict[str, Any]:
+                  groups: dict[str, Any] | None = None,
+                  skipped_checkpoints: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """results.json and the other outputs from the persisted records (main process)."""
     from ttt_bench.reporting.report import write_outputs
 
@@ -375,7 +382,8 @@ def write_results(out: Path, spec: RunOptions, plans: list[TaskPlan], store: Rec
     kept = {t: {m: recs for m, recs in models.items() if recs} for t, models in records.items()}
     kept = {t: models for t, models in kept.items() if models}
     model_info = {name: {"label": s.info.label, "legacy": bool(s.is_legacy), "lookahead": bool(s.lookahead),
-                         "attention_only": bool(s.attention_only), "options": s.info.options}
+                         "attention_only": bool(s.attention_only), "options": s.info.options,
+                         **({"step": s.step, "series": s.series} if getattr(s, "step", None) is not None else {})}
                   for plan in plans for name, s in plan.scorers.items()}
     run = {
         "config": {**spec.recorded(), "output_path": str(out)},
@@ -391,15 +399,24 @@ def write_results(out: Path, spec: RunOptions, plans: list[TaskPlan], store: Rec
         "tasks": {plan.name: plan.info for plan in plans},
         "verification": verifications.get("verification", {}),
         "causality": verifications.get("causality", {}),
-        "baseline": spec.baseline or ("frozen" if "frozen" in spec.model else None),
+        "baseline": spec.baseline or ("frozen" if "frozen" in spec.model and not any(  # not a training run's name
+            getattr(s, "series", None) == "frozen" for plan in plans for s in plan.scorers.values()) else None),
         "group_subtasks": {name: list(g.task) for name, g in (groups or {}).items()},
         "group_metrics": {name: g.metrics for name, g in (groups or {}).items()},
         "versions": {plan.name: plan.config.version for plan in plans},
         "ttt_bench_version": __version__,
     }
+    if skipped_checkpoints:
+        run["skipped_checkpoints"] = skipped_checkpoints
     if not complete:
         run["resume_command"] = resume_command(spec, dist)
     write_outputs(out, run, kept, {plan.name: plan.metrics for plan in plans if plan.name in kept})
+    from ttt_bench.reporting.series import add_series
+
+    if add_series(out):  # a training run's checkpoints: results.json's series, <task>_vs_step plots
+        from ttt_bench.reporting.report import render_leaderboard
+
+        (out / "leaderboard.md").write_text(render_leaderboard(json.loads((out / "results.json").read_text())))
     return json.loads((out / "results.json").read_text())
 
 
@@ -468,6 +485,7 @@ class Evaluation:
     dist: Dist
     store: RecordStore  # opened (and, for --resume, checked) before anything was built
     out: Path
+    skipped_checkpoints: list[dict[str, Any]] = field(default_factory=list)  # of a series (--on_error skip)
 
     def run(self) -> dict[str, Any] | None:
         """The results.json dict on the main process, None on the others; raises
@@ -476,9 +494,17 @@ class Evaluation:
         spec, dist, store = self.options, self.dist, self.store
         files = model_files(self.scorers)
         if spec.resume:
+            if dist.is_main:  # a training run's checkpoint saved again is scored again
+                series_resume.forget_changed_checkpoints(store, self.scorers, files)
+            dist.barrier()
             store.check_model_files(files)
         plans = [plan_task(name, task, self.codec, self.scorers, spec, dist) for name, task in self.tasks.items()]
-        verifications = verify_on_main(plans, spec, dist)
+        finished = series_resume.finished_checkpoints(plans, store) if spec.resume else set()
+        verifications = verify_on_main(plans, spec, dist, finished)
+        if finished:
+            for kind, by_task in series_resume.carried_checks(self.out, finished).items():
+                for task, entries in by_task.items():
+                    verifications.setdefault(kind, {}).setdefault(task, [])[:0] = entries
         init_store(spec, self.tasks, dist, store, files)
         done = dist.broadcast(set(store.load_done([k for p in plans for k in p.keys()])[0]) if dist.is_main else None)
         guard = SignalGuard()
@@ -489,7 +515,8 @@ class Evaluation:
             results = None
             code, reason = final_exit_code(outcomes) if dist.is_main else (0, "")
             if dist.is_main:
-                results = write_results(self.out, spec, plans, store, code == 0, verifications, dist, self.groups)
+                results = write_results(self.out, spec, plans, store, code == 0, verifications, dist, self.groups,
+                                        self.skipped_checkpoints)
                 store.clear_stop()
             code, reason = dist.broadcast((code, reason))
         if code:

@@ -409,7 +409,10 @@ def render_leaderboard(results_json: dict) -> str:
         lines += _task_table(task, models, info, baselines.get(task), leaderboard_spec(results_json, task))
     for group, models in (results_json.get("groups") or {}).items():
         lines += _group_table(group, models, info, (results_json.get("group_subtasks") or {}).get(group, []))
-    extra = _input_notes(results_json) + (results_json.get("merge_notes") or [])
+    from ttt_bench.reporting.series import series_notes, series_tables  # a training run's checkpoints
+
+    lines += series_tables(results_json)
+    extra = _input_notes(results_json) + (results_json.get("merge_notes") or []) + series_notes(results_json)
     if results_json.get("complete") is False:
         extra = ["This run is incomplete (interrupted; resume with --resume)."] + extra
     lines += extra

@@ -16,6 +16,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from ttt_bench.reporting.series import step_scalars
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "ttt_bench"
@@ -131,6 +133,8 @@ def log_wandb(results: Mapping[str, Any], out_dir: Path, run: Any = None,
         for image in sorted(Path(out_dir).glob("*.png")):  # loss_vs_position, and a task's own plots
             data[f"{PREFIX}/{image.stem}"] = wandb.Image(str(image))
         run.log(data, step=step)
+        for at, values in step_scalars(results).items():  # a training run's checkpoints, each at its step
+            run.log(values, step=at)
         artifact = wandb.Artifact(name=f"{PREFIX}-results", type="evaluation",
                                   metadata={"step": step, "tasks": list(results.get("results") or {})})
         artifact.add_file(str(Path(out_dir) / "results.json"), name="results.json")
@@ -158,6 +162,9 @@ def log_tensorboard(results: Mapping[str, Any], out_dir: Path, writer: Any = Non
     try:
         for tag, value in scalars(results).items():
             writer.add_scalar(tag, value, global_step=step)
+        for at, values in step_scalars(results).items():  # a training run's checkpoints, each at its step
+            for tag, value in values.items():
+                writer.add_scalar(tag, value, global_step=at)
         suffix = f"/step_{step}" if step is not None else ""
         for task, models in curves(out_dir, results).items():
             for model, (xs, ys) in models.items():
