@@ -167,6 +167,33 @@ def test_full_finetunes_are_replaced_in_place(base, tmp_path, monkeypatch):
     assert abs(got["dyneval@10"] - got["dyneval@20"]) > 1e-3
 
 
+def test_checkpoints_share_one_model_and_score_per_position_as_alone(base, tmp_path):
+    """The scorers of a series, used in any order (the legacy wrapper too), give each checkpoint's
+    NLL at every position as that checkpoint loaded alone does."""
+    from ttt_bench.models.legacy import make_legacy
+    from ttt_bench.models.series import build_series, check_runs, series_args
+    from ttt_bench.registry import get_model
+
+    run = lora_run(tmp_path / "run", base, steps=(10, 20))
+    entries, per_model, runs = expand_series({"frozen": "frozen"}, {"frozen": ModelArgs(
+        {"checkpoint": str(run), "hf_repo": REPO}, {})})
+    checked, skipped = check_runs(runs, per_model, seed=0, on_error="fail")
+    scorers = build_series(lambda first: get_model("frozen", **series_args(per_model[first.member.name], first).kwargs()),
+                           checked["frozen"])
+    codes = torch.randint(0, 256, (2, 8, 24), generator=torch.Generator().manual_seed(0))
+    alone_nll = {s: get_model("frozen", checkpoint=str(run / "checkpoints" / f"checkpoint_{s:06d}"), hf_repo=REPO,
+                              fuse_lora=False) for s in (10, 20)}
+    for name in ("frozen@20", "frozen@10", "frozen@20"):
+        step = int(name.split("@")[1])
+        torch.testing.assert_close(scorers[name].score(codes, 8), alone_nll[step].score(codes, 8), rtol=0, atol=1e-6,
+                                   equal_nan=True)
+        assert scorers[name].lm is scorers["frozen@10"].lm  # one model
+    legacy = make_legacy(scorers["frozen@10"])  # scores through lm directly: it must swap first
+    torch.testing.assert_close(legacy.score(codes, 8), make_legacy(alone_nll[10]).score(codes, 8), rtol=0, atol=1e-6,
+                               equal_nan=True)
+    assert scorers["frozen@20"].shared.swaps == 4  # 10 -> 20 -> 10 -> 20 -> 10
+
+
 # ----------------------------------------------------------------------------- naming and choosing checkpoints
 
 

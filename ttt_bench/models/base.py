@@ -82,6 +82,10 @@ class StreamingScorer(ABC):
         """The files the model was loaded from, with their sha256 (None: nothing loaded)."""
         return None
 
+    def activate(self) -> None:
+        """Make ``lm`` hold this model's weights before it is used without ``score`` (a training
+        run's checkpoints share one ``lm`` and swap their tensors in)."""
+
     def weights_changed(self) -> None:
         """``lm``'s weights were replaced in place (the next checkpoint of a series): drop
         anything kept from the old ones."""

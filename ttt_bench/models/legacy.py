@@ -55,6 +55,7 @@ class LegacyScorer(StreamingScorer):
     def score(self, codes: torch.Tensor, chunk_size: int = 64,
               layout: StreamLayout | None = None) -> torch.Tensor:
         check_score_args(codes, chunk_size)
+        self.base.activate()  # the base's weights (a training run's checkpoint: swapped in)
         layout = layout or StreamLayout()
         codes = codes.to(self.lm.device, torch.long)
         T = codes.shape[-1]

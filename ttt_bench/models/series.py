@@ -101,9 +101,12 @@ class CheckpointScorer(StreamingScorer):
     def check_chunk_size(self, chunk_size: int) -> None:
         self.shared.scorer.check_chunk_size(chunk_size)
 
+    def activate(self) -> None:
+        self.shared.activate(self.checked)
+
     def score(self, codes: torch.Tensor, chunk_size: int = 64,
               layout: StreamLayout | None = None) -> torch.Tensor:
-        self.shared.activate(self.checked)
+        self.activate()
         return self.shared.scorer.score(codes, chunk_size, layout)
 
     @property
