@@ -19,8 +19,10 @@ from ttt_bench.options import ModelArgs
 
 REPO = "ttt-bench-test/tiny-series-base"
 TASK = "librilight_sample"
-RUN_ARGS = dict(tasks=[TASK], limit=2, chunk_size=16,
-                task_args={"max_frames": 40, "early_late_frames": 10, "positions": [20], "window": 10})
+CHECKED_ARGS = dict(tasks=[TASK], limit=2, chunk_size=16,
+                    task_args={"max_frames": 40, "early_late_frames": 10, "positions": [20], "window": 10})
+# the causality check scores 2 x 128 frames per model: on in the resume test (whose checks are carried over)
+RUN_ARGS = {**CHECKED_ARGS, "task_args": {**CHECKED_ARGS["task_args"], "verify_causality": False}}
 STEPS = (10, 20, 30)
 
 
@@ -85,12 +87,19 @@ def mean_nll(results: dict) -> dict[str, float]:
     return {model: m["mean_nll"] for model, m in results["results"][TASK].items()}
 
 
-def alone(model: str, folder: Path, **model_args) -> float:
-    """The checkpoint evaluated on its own, as before series existed (LoRA unfused, as in a series)."""
+def alone(model: str, folders: dict[int, Path], **model_args) -> dict[int, float]:
+    """Each checkpoint evaluated on its own, as before series existed: its own model, built from
+    its files (LoRA unfused, as in a series), here side by side in one run."""
     unchecked = {**RUN_ARGS, "task_args": {**RUN_ARGS["task_args"], "verify_loss_computation": False,
                                            "verify_causality": False}}  # the series run checks; the NLL is the same
-    results = simple_evaluate(model, {"checkpoint": str(folder), "fuse_lora": False, **model_args}, **unchecked)
-    return results["results"][TASK][model]["mean_nll"]
+    names = {f"alone{step}": model for step in folders}
+    args = {**model_args, "fuse_lora": False, **{f"alone{step}.checkpoint": str(f) for step, f in folders.items()}}
+    results = simple_evaluate(names, args, **unchecked)
+    return {step: results["results"][TASK][f"alone{step}"]["mean_nll"] for step in folders}
+
+
+def checkpoint(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"checkpoint_{step:06d}"
 
 
 # ----------------------------------------------------------------------------- loading once, scoring as alone
@@ -107,9 +116,9 @@ def test_lora_run_scores_each_checkpoint_as_alone_and_loads_the_base_once(base, 
     assert loads.count == 1
     got = mean_nll(results)
     assert list(got) == [f"frozen@{s}" for s in STEPS]
+    expected = alone("frozen", {step: checkpoint(run, step) for step in STEPS}, hf_repo=REPO)
     for step in STEPS:
-        expected = alone("frozen", run / "checkpoints" / f"checkpoint_{step:06d}", hf_repo=REPO)
-        assert abs(got[f"frozen@{step}"] - expected) <= 1e-6
+        assert abs(got[f"frozen@{step}"] - expected[step]) <= 1e-6
         assert results["models"][f"frozen@{step}"]["step"] == step
         assert results["models"][f"frozen@{step}"]["options"]["checkpoint"]["fuse_lora"] is False
     values = sorted(got.values())
@@ -145,9 +154,9 @@ def test_fork_run_scores_each_checkpoint_as_alone_and_loads_the_base_once(fork_b
     assert loads.count == 2  # the series' base, once, and the frozen baseline
     got = mean_nll(results)
     assert list(got) == ["ttt@10", "ttt@20", "ttt@30", "frozen"]
+    expected = alone("ttt", {step: checkpoint(run, step) for step in STEPS}, hf_repo=FORK_REPO)
     for step in STEPS:
-        expected = alone("ttt", run / "checkpoints" / f"checkpoint_{step:06d}", hf_repo=FORK_REPO)
-        assert abs(got[f"ttt@{step}"] - expected) <= 1e-6
+        assert abs(got[f"ttt@{step}"] - expected[step]) <= 1e-6
         fork = results["models"][f"ttt@{step}"]["options"]["fork_checkpoint"]
         assert f"checkpoint_{step:06d}" in fork["training_config"] and fork["unused_keys"]
         assert results["results"][TASK][f"ttt@{step}"]["delta_vs_baseline"]["baseline"] == "frozen"
@@ -161,9 +170,9 @@ def test_full_finetunes_are_replaced_in_place(base, tmp_path, monkeypatch):
         write_finetune_checkpoint(run, base, kind="full", step=step, seed=step)
     results = simple_evaluate("dyneval", {"checkpoint": str(run), "hf_repo": REPO, "lr": 1e-3}, **RUN_ARGS)
     got = mean_nll(results)
+    expected = alone("dyneval", {step: checkpoint(run, step) for step in (10, 20)}, hf_repo=REPO, lr=1e-3)
     for step in (10, 20):  # dyneval restarts each document from the checkpoint's own weights
-        assert abs(got[f"dyneval@{step}"] - alone("dyneval", run / "checkpoints" / f"checkpoint_{step:06d}",
-                                                   hf_repo=REPO, lr=1e-3)) <= 1e-6
+        assert abs(got[f"dyneval@{step}"] - expected[step]) <= 1e-6
     assert abs(got["dyneval@10"] - got["dyneval@20"]) > 1e-3
 
 
@@ -180,16 +189,15 @@ def test_checkpoints_share_one_model_and_score_per_position_as_alone(base, tmp_p
     checked, skipped = check_runs(runs, per_model, seed=0, on_error="fail")
     scorers = build_series(lambda first: get_model("frozen", **series_args(per_model[first.member.name], first).kwargs()),
                            checked["frozen"])
-    codes = torch.randint(0, 256, (2, 8, 24), generator=torch.Generator().manual_seed(0))
-    alone_nll = {s: get_model("frozen", checkpoint=str(run / "checkpoints" / f"checkpoint_{s:06d}"), hf_repo=REPO,
-                              fuse_lora=False) for s in (10, 20)}
+    codes = torch.randint(0, 256, (1, 8, 20), generator=torch.Generator().manual_seed(0))
+    single = {s: get_model("frozen", checkpoint=str(checkpoint(run, s)), hf_repo=REPO, fuse_lora=False) for s in (10, 20)}
+    expected = {s: single[s].score(codes, 8) for s in (10, 20)}
     for name in ("frozen@20", "frozen@10", "frozen@20"):
-        step = int(name.split("@")[1])
-        torch.testing.assert_close(scorers[name].score(codes, 8), alone_nll[step].score(codes, 8), rtol=0, atol=1e-6,
+        torch.testing.assert_close(scorers[name].score(codes, 8), expected[int(name.split("@")[1])], rtol=0, atol=1e-6,
                                    equal_nan=True)
         assert scorers[name].lm is scorers["frozen@10"].lm  # one model
     legacy = make_legacy(scorers["frozen@10"])  # scores through lm directly: it must swap first
-    torch.testing.assert_close(legacy.score(codes, 8), make_legacy(alone_nll[10]).score(codes, 8), rtol=0, atol=1e-6,
+    torch.testing.assert_close(legacy.score(codes, 8), make_legacy(single[10]).score(codes, 8), rtol=0, atol=1e-6,
                                equal_nan=True)
     assert scorers["frozen@20"].shared.swaps == 4  # 10 -> 20 -> 10 -> 20 -> 10
 
@@ -304,7 +312,7 @@ def test_with_on_error_skip_the_others_are_evaluated_and_the_skip_reported(base,
 def test_resume_scores_only_new_checkpoints_and_ones_saved_again(base, tmp_path, monkeypatch):
     run = lora_run(tmp_path / "run", base)
     out = tmp_path / "out"
-    args = dict(model_args={"checkpoint": str(run), "hf_repo": REPO}, output_path=str(out), **RUN_ARGS)
+    args = dict(model_args={"checkpoint": str(run), "hf_repo": REPO}, output_path=str(out), **CHECKED_ARGS)
     first = mean_nll(simple_evaluate("frozen", **args))
 
     write_finetune_checkpoint(run, base, kind="lora", step=40, seed=40)
@@ -327,6 +335,6 @@ def test_resume_scores_only_new_checkpoints_and_ones_saved_again(base, tmp_path,
     calls.calls.clear()
     again = mean_nll(simple_evaluate("frozen", resume=True, **args))
     assert set(calls.calls) == {"frozen@20"}
-    assert abs(again["frozen@20"] - alone("frozen", run / "checkpoints" / "checkpoint_000020", hf_repo=REPO)) <= 1e-6
+    assert abs(again["frozen@20"] - alone("frozen", {20: checkpoint(run, 20)}, hf_repo=REPO)[20]) <= 1e-6
     assert abs(again["frozen@20"] - first["frozen@20"]) > 1e-3
     assert all(again[m] == got[m] for m in got if m != "frozen@20")
