@@ -91,6 +91,7 @@ SCRIPTS = {
     "bench_ttt": (["--quick"], "dyneval-norms"),
     "bench_data": (["--quick"], "cached second pass, tiny 0.2 min"),
     "bench_gpu": (["--device", "cpu", "--quick", "--dtype", "float32"], "== headline =="),  # bf16 is slow on CPUs
+    "bench_series": (["--quick", "--checkpoints", "2"], "series / separate: whole run"),
 }
 
 
