@@ -107,12 +107,18 @@ def checkpoint(run: Path, step: int) -> Path:
 
 def test_lora_run_scores_each_checkpoint_as_alone_and_loads_the_base_once(base, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from wandb_files import history
 
+    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     run = lora_run(tmp_path / "run", base)
     loads = BaseLoads(monkeypatch, base / "model.safetensors")
     out = tmp_path / "out"
     results = simple_evaluate("frozen", {"checkpoint": str(run), "hf_repo": REPO}, output_path=str(out),
-                              tensorboard_dir=str(tmp_path / "tb"), **RUN_ARGS)
+                              tensorboard_dir=str(tmp_path / "tb"),
+                              wandb_args={"project": "ttt-bench-test", "dir": str(tmp_path)}, **RUN_ARGS)
     assert loads.count == 1
     got = mean_nll(results)
     assert list(got) == [f"frozen@{s}" for s in STEPS]
@@ -144,6 +150,14 @@ def test_lora_run_scores_each_checkpoint_as_alone_and_loads_the_base_once(base, 
     scalars = events.Scalars(f"ttt_bench/{TASK}/frozen/mean_nll")
     assert [e.step for e in scalars] == list(STEPS)
     assert [e.value for e in scalars] == pytest.approx([got[f"frozen@{s}"] for s in STEPS], abs=1e-6)
+
+    import wandb
+
+    wandb.teardown()  # the wandb service writes the run's log to disk by the time it stops
+    [wandb_run] = (tmp_path / "wandb").glob("offline-run-*")
+    rows = {row["_step"]: row for row in history(wandb_run)}
+    assert {step: rows[step][f"ttt_bench/{TASK}/frozen/mean_nll"] for step in STEPS} == pytest.approx(
+        {step: got[f"frozen@{step}"] for step in STEPS}, abs=1e-12)
 
 
 def test_fork_run_scores_each_checkpoint_as_alone_and_loads_the_base_once(fork_base, tmp_path, monkeypatch):
