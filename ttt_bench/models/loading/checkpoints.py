@@ -553,8 +553,18 @@ def key_mismatch(loaded: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
     return "; ".join(parts) or None
 
 
+_META_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}  # per config: a training run's checkpoints share one
+
+
 def _meta_state_shapes(resolved: ResolvedCheckpoint, lora: bool) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the LM the config builds (on the meta device: no memory, no weights)."""
+    key = json.dumps([resolved.lm_config, lora], sort_keys=True, default=str)
+    if key not in _META_SHAPES:
+        _META_SHAPES[key] = _build_meta_state_shapes(resolved, lora)
+    return _META_SHAPES[key]
+
+
+def _build_meta_state_shapes(resolved: ResolvedCheckpoint, lora: bool) -> dict[str, tuple[int, ...]]:
     overrides = {} if lora else {"lora": False}
     where = resolved.config_path or f"moshi's default Moshi 7B config (no {CONFIG_NAME} in {resolved.hf_repo})"
     try:
