@@ -16,8 +16,8 @@ and the ratio series / separate for the whole run and for a further checkpoint; 
 over rounds (the files stay in the page cache after the first round, as they would for a run
 evaluated while training). NLLs of both ways are compared (must be equal to 1e-6).
 
-    python benchmarks/bench_series.py            # 4 checkpoints per kind, 128-frame streams, 3 rounds
-    python benchmarks/bench_series.py --quick    # the tiny preset's shape, 3 checkpoints, 1 round
+    python benchmarks/bench_series.py            # 4 checkpoints per kind, 32-frame streams, 3 rounds
+    python benchmarks/bench_series.py --quick    # the tiny preset's shape, 3 checkpoints, 16 frames, 1 round
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH_LM_CONFIG, bench_lm, machine_line, n_params  # noqa: E402
 
+from ttt_bench.models.loading import checkpoints  # noqa: E402
 from ttt_bench.models.loading.moshi import TINY_LM_CONFIG, TINY_MIMI_CONFIG, ModelSource, load_mimi  # noqa: E402
 from ttt_bench.models.loading.series import expand_series  # noqa: E402
 from ttt_bench.models.series import build_series, check_runs, series_args  # noqa: E402
@@ -89,22 +90,32 @@ def write_run(run: Path, base: Path, lm_config: dict, kind: str, steps: list[int
         (folder / "config.json").write_text(json.dumps({**config, **names, "lora": kind == "lora"}))
 
 
+def fresh_process() -> None:
+    """Forget what an earlier run in this process cached (the config's key shapes), as a new
+    process would."""
+    checkpoints._META_SHAPES.clear()
+
+
 def separate(run: Path, base: Path, steps: list[int], codes: torch.Tensor, chunk: int):
-    """Each checkpoint as its own run: (seconds per checkpoint, NLLs)."""
+    """Each checkpoint as its own run: per checkpoint (load s, score s), and the NLLs."""
     times, nlls = [], []
     for step in steps:
+        fresh_process()
         start = time.perf_counter()
         scorer = get_model("frozen", checkpoint=str(run / "checkpoints" / f"checkpoint_{step:06d}"),
                            hf_repo=str(base), fuse_lora=False)
+        loaded = time.perf_counter()
         nlls.append(scorer.score(codes, chunk_size=chunk))
-        times.append(time.perf_counter() - start)
+        times.append((loaded - start, time.perf_counter() - loaded))
         del scorer
     return times, nlls
 
 
 def series(run: Path, base: Path, codes: torch.Tensor, chunk: int):
-    """The run as a series (checked, built once, swapped): (seconds per checkpoint, NLLs); the
-    first checkpoint's time includes checking every checkpoint's files."""
+    """The run as a series: per checkpoint (load s, score s), and the NLLs. The first's load is
+    checking every checkpoint's files and building the model; a further one's, swapping its
+    tensors in."""
+    fresh_process()
     start = time.perf_counter()
     entries, per_model, runs = expand_series({"frozen": "frozen"}, {"frozen": ModelArgs(
         {"checkpoint": str(run), "hf_repo": str(base)}, {})})
@@ -117,24 +128,26 @@ def series(run: Path, base: Path, codes: torch.Tensor, chunk: int):
     scorers = build_series(build, checked["frozen"])
     times, nlls = [], []
     for scorer in scorers.values():
+        scorer.activate()  # what score() does first: swap this checkpoint's tensors in
+        loaded = time.perf_counter()
         nlls.append(scorer.score(codes, chunk_size=chunk))
-        times.append(time.perf_counter() - start)
+        times.append((loaded - start, time.perf_counter() - loaded))
         start = time.perf_counter()
     return times, nlls
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, 3 checkpoints, 32 frames, 1 round")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 3 checkpoints, 16 frames, 1 round")
     parser.add_argument("--checkpoints", type=int, default=None, help="checkpoints per run (default 4; quick 3)")
-    parser.add_argument("--frames", type=int, default=None, help="frames scored per checkpoint (default 128)")
+    parser.add_argument("--frames", type=int, default=None, help="frames scored per checkpoint (default 32)")
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 3; quick 1)")
     parser.add_argument("--kinds", default="lora,full", help="checkpoint kinds: lora, full")
     args = parser.parse_args(argv)
     n = args.checkpoints or (3 if args.quick else 4)
-    frames = args.frames or (32 if args.quick else 128)
+    frames = args.frames or (16 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 3)
-    chunk = 16 if args.quick else 64
+    chunk = 16
     steps = [100 * (i + 1) for i in range(n)]
     with tempfile.TemporaryDirectory(prefix="bench_series_") as tmp:
         base = Path(tmp) / "base"
@@ -157,16 +170,25 @@ def main(argv: list[str] | None = None) -> None:
                     raise SystemExit(f"{kind}: the series' NLL differs from separate runs by {worst:.2e}")
                 rounds.append((sep_t, ser_t))
             med = statistics.median
-            sep_first, ser_first = med(r[0][0] for r in rounds), med(r[1][0] for r in rounds)
-            sep_next, ser_next = med(med(r[0][1:]) for r in rounds), med(med(r[1][1:]) for r in rounds)
-            whole = med(sum(r[1]) / sum(r[0]) for r in rounds)
-            further = med(med(r[1][1:]) / med(r[0][1:]) for r in rounds)
-            print(f"\n{kind}: {size:.1f} MB of checkpoint files each; NLL series == separate (max diff {worst:.1e})")
-            print(f"  separate runs: first {sep_first:.2f} s, each further {sep_next:.2f} s (load + score)")
-            print(f"  series:        first {ser_first:.2f} s (all {n} checked), each further {ser_next:.2f} s "
-                  "(swap + score)")
-            print(f"  series / separate: whole run {whole:.2f}x the time, a further checkpoint {further:.2f}x")
 
+            def at(which: int, first: bool, part: slice) -> float:
+                """Median over rounds of the first / the median further checkpoint's load, score or both."""
+                def one(r):
+                    times = r[which][:1] if first else r[which][1:]
+                    return med(sum(t[part]) for t in times)
+                return med(one(r) for r in rounds)
+
+            both, load, score = slice(0, 2), slice(0, 1), slice(1, 2)
+            whole = med(sum(sum(t) for t in r[1]) / sum(sum(t) for t in r[0]) for r in rounds)
+            further = med(med(sum(t) for t in r[1][1:]) / med(sum(t) for t in r[0][1:]) for r in rounds)
+            further_load = med(med(t[0] for t in r[1][1:]) / med(t[0] for t in r[0][1:]) for r in rounds)
+            print(f"\n{kind}: {size:.1f} MB of checkpoint files each; NLL series == separate (max diff {worst:.1e})")
+            for label, which, what in (("separate runs", 0, "load"), ("series", 1, "swap")):
+                print(f"  {label + ':':15s} first {at(which, True, both):.2f} s (load {at(which, True, load):.2f} + "
+                      f"score {at(which, True, score):.2f}), each further {at(which, False, both):.2f} s "
+                      f"({what} {at(which, False, load):.3f} + score {at(which, False, score):.2f})")
+            print(f"  series / separate: whole run {whole:.2f}x the time; a further checkpoint {further:.2f}x "
+                  f"(load + score), its load {further_load:.3f}x")
 
 if __name__ == "__main__":
     main()
