@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ttt_bench.models.base import StreamLayout
-from ttt_bench.models.streaming import forward_nll
+from ttt_bench.models.streaming import audio_delays, forward_nll
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def verify_causality(name: str, scorer, doc_id: str, codes: torch.Tensor, chunk_
     window = codes[None, :, :frames]
     base = scorer.score(window, chunk_size=chunk_size, layout=layout)
     changed = scorer.score(perturb_from(window, start, lm.card), chunk_size=chunk_size, layout=layout)
-    delays = lm.delays[lm.audio_offset:lm.audio_offset + lm.dep_q]
+    delays = audio_delays(lm)
     before = max(_max_abs_diff(base[:, k, :max(0, start - d)], changed[:, k, :max(0, start - d)])
                  for k, d in enumerate(delays))
     after = _max_abs_diff(base[..., start:].nan_to_num(), changed[..., start:].nan_to_num())
