@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from test_metrics import linear_doc, small_cfg
-from ttt_bench.metrics import DocRecord, summarize_all
+from ttt_bench.metrics import DocRecord, StreamMetrics, summarize_all
 from ttt_bench.reporting.report import (build_results, merge_runs, render_leaderboard, resolve_baseline,
                               to_jsonable, write_outputs)
 
@@ -55,13 +55,12 @@ def make_run(records: dict[str, list[DocRecord]], **over) -> dict:
 
 
 def cfg():
-    return small_cfg(bootstrap_iters=100, targets={"late_nll": "< 2.9", "slope": "< -1e-4"})
+    return StreamMetrics(small_cfg(bootstrap_iters=100, targets={"late_nll": "< 2.9", "slope": "< -1e-4"}))
 
 
 def results_json(records: dict[str, list[DocRecord]], run: dict) -> dict:
-    c = cfg()
-    summaries = {TASK: {m: summarize_all(r, c) for m, r in records.items()}}
-    return to_jsonable(build_results(run, summaries, {TASK: c}))
+    summaries = {TASK: {m: summarize_all(r) for m, r in records.items()}}
+    return to_jsonable(build_results(run, summaries, {TASK: cfg()}))
 
 
 @pytest.fixture(scope="module")

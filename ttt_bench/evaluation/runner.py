@@ -36,7 +36,7 @@ from ttt_bench.metrics import DocRecord, TaskMetrics, raise_on_flags
 from ttt_bench.models.base import StreamLayout
 from ttt_bench.evaluation.records import DocFailure, LogEntry, RecordStore, config_hash
 from ttt_bench.options import RunOptions
-from ttt_bench.tasks.base import Document
+from ttt_bench.tasks.base import Document, shape_of
 from ttt_bench.version import __version__
 from ttt_bench.evaluation.verify import CausalityError, VerificationError, verify_causality, verify_scorer
 
@@ -375,7 +375,7 @@ def write_results(out: Path, spec: RunOptions, plans: list[TaskPlan], store: Rec
     kept = {t: {m: recs for m, recs in models.items() if recs} for t, models in records.items()}
     kept = {t: models for t, models in kept.items() if models}
     model_info = {name: {"label": s.info.label, "legacy": bool(s.is_legacy), "lookahead": bool(s.lookahead),
-                         "attention_only": bool(s.attention_only), "options": s.info.options}
+                         "attention_only": bool(s.attention_only), "options": s.info.options, "shape": shape_of(s.lm)}
                   for plan in plans for name, s in plan.scorers.items()}
     run = {
         "config": {**spec.recorded(), "output_path": str(out)},
