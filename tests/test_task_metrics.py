@@ -18,6 +18,7 @@ from test_metrics import OFFSETS, linear_doc, small_cfg
 from ttt_bench.config import ConfigError, StreamTaskConfig, TaskConfig
 from ttt_bench.metrics import DocRecord, ModelShape, StreamMetrics, compute_model_metrics
 from ttt_bench.reporting.report import build_results, render_leaderboard, render_terminal, to_jsonable, write_outputs
+from ttt_bench.reporting.run_record import ModelRecord, RunRecord
 from ttt_bench.tasks.pairs import PAIR_METRICS, PairMetrics, PairTaskConfig
 from ttt_bench.tasks.recall import RECALL_METRICS, RecallMetrics, RecallTaskConfig
 
@@ -116,7 +117,7 @@ def test_a_delta_whose_interval_excludes_0_is_marked_better_or_worse():
 
 def test_results_json_records_the_directions_of_every_estimated_metric(tmp_path):
     records = {"frozen": [linear_doc(f"d{i}", 600, noise=0.1, rng=np.random.default_rng(i)) for i in range(3)]}
-    out = to_jsonable(build_results({"models": {}}, {"t": {"frozen": StreamMetrics(small_cfg()).summarize(
+    out = to_jsonable(build_results(RunRecord(config={}), {"t": {"frozen": StreamMetrics(small_cfg()).summarize(
         records["frozen"])}}, {"t": StreamMetrics(small_cfg())}))
     directions = out["higher_is_better"]["t"]
     assert set(directions) == set(out["results"]["t"]["frozen"]["n"])  # counts and speeds left out
@@ -131,7 +132,7 @@ def test_metrics_no_document_reached_give_one_warning_naming_the_keys(caplog):
     metrics = StreamMetrics(config)
     records = {m: [linear_doc(f"d{i}", 600) for i in range(2)] for m in ("frozen", "ttt")}
     with caplog.at_level(logging.WARNING, logger="ttt_bench.reporting.report"):
-        out = to_jsonable(build_results({"models": {}}, {"t": {m: metrics.summarize(r) for m, r in records.items()}},
+        out = to_jsonable(build_results(RunRecord(config={}), {"t": {m: metrics.summarize(r) for m, r in records.items()}},
                                         {"t": metrics}))
     [warning] = out["warnings"]["t"]
     assert warning["metrics"] == ["nll@5000", "early_nll", "late_nll", "improvement", "slope_300_9000"]
@@ -142,7 +143,7 @@ def test_metrics_no_document_reached_give_one_warning_naming_the_keys(caplog):
     assert warning["message"] in render_leaderboard(out)
     # reached by one model only (the other's documents are shorter): no warning
     records["ttt"] = [linear_doc("long", 9100)]
-    out = build_results({"models": {}}, {"t": {m: metrics.summarize(r) for m, r in records.items()}},
+    out = build_results(RunRecord(config={}), {"t": {m: metrics.summarize(r) for m, r in records.items()}},
                         {"t": metrics})
     assert out["warnings"] == {}
 
@@ -165,8 +166,8 @@ def test_each_model_is_summarised_and_flagged_against_its_own_card_and_delays(tm
         nll[1:, -2:] = np.nan
         small.append(DocRecord(d.doc_id, d.meta, nll))
     big_shape, small_shape = ModelShape(card=2048), ModelShape(card=16, delays=[0, 2, 2, 2, 2, 2, 2, 2])
-    run = {"models": {"big": {"shape": {"card": 2048, "delays": list(big_shape.delays)}},
-                      "small": {"shape": {"card": 16, "delays": list(small_shape.delays)}}}}
+    run = RunRecord(config={}, models={"big": ModelRecord(label="big", shape=big_shape),
+                                       "small": ModelRecord(label="small", shape=small_shape)})
     metrics = StreamMetrics(small_cfg(), big_shape)  # as the runner builds it: from the first model
     write_outputs(tmp_path, run, {"t": {"big": base, "small": small}}, {"t": metrics})
     rows = json.loads((tmp_path / "results.json").read_text())["results"]["t"]

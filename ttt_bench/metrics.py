@@ -649,8 +649,9 @@ class TaskMetrics(ABC):
     def curve_arrays(self, key: str, summary: Any) -> dict[str, np.ndarray]:
         return {}
 
-    def model_flags(self, metrics: dict[str, Any], model_info: dict[str, Any]) -> list[dict[str, str]]:
-        """Sanity flags that depend on what the model is (``results.json``'s ``models[name]``)."""
+    def model_flags(self, metrics: dict[str, Any], model_info: Any) -> list[dict[str, str]]:
+        """Sanity flags that depend on what the model is (``model_info``: its
+        :class:`ttt_bench.reporting.run_record.ModelRecord`, ``models[name]`` in results.json)."""
         return []
 
     def sample_lines(self, summary: Any) -> Iterable[dict[str, Any]]:

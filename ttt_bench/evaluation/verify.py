@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ttt_bench.models.base import StreamLayout
+from ttt_bench.models.base import StreamingScorer, StreamLayout
 from ttt_bench.models.streaming import audio_delays, forward_nll
 
 logger = logging.getLogger(__name__)
@@ -33,10 +33,10 @@ class Verification:
         return asdict(self)
 
 
-def verification_frames(scorer, n_frames: int, chunk_size: int) -> int:
+def verification_frames(scorer: StreamingScorer, n_frames: int, chunk_size: int) -> int:
     """How much of a document a plain forward pass can reproduce: the attention context (both
     apply the same mask), or only the first chunk for adapters that change their weights."""
-    if getattr(scorer, "adapts_weights", False):
+    if scorer.adapts_weights:
         return min(n_frames, chunk_size)
     context = scorer.lm.context or n_frames
     return min(n_frames, context)

@@ -1,8 +1,8 @@
 """Outputs of a run: results.json, curves.npz, samples.jsonl, leaderboard.md and the
 loss-versus-position plots; and ``ttt-bench leaderboard DIR...`` (merging runs).
 
-results.json = the run dict handed in (config, environment, git_hash, command, complete,
-skipped, models, tasks, baseline) plus::
+results.json = the run's record handed in (``ttt_bench.reporting.run_record.RunRecord``: config,
+environment, git_hash, command, complete, skipped, models, tasks, baseline, ...) plus::
 
     "schema_version": 1,
     "metrics_config": {task: the task metrics' settings (TaskMetrics.to_dict), with
@@ -48,6 +48,7 @@ from ttt_bench.config import StreamTaskConfig
 from ttt_bench.constants import FRAME_RATE
 from ttt_bench.metrics import DocRecord, ModelShape, StreamMetrics, TaskMetrics
 from ttt_bench.models.legacy import legacy_name
+from ttt_bench.reporting.run_record import ModelRecord, RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -110,17 +111,15 @@ def resolve_baseline(requested: str | None, models: Iterable[str], strict: bool 
     return DEFAULT_BASELINE if DEFAULT_BASELINE in models else None
 
 
-def for_model(metrics: TaskMetrics, run: dict, model: str) -> TaskMetrics:
+def for_model(metrics: TaskMetrics, run: RunRecord, model: str) -> TaskMetrics:
     """The task's metrics for ``model``, with that model's own shape (card, delays) where the run
-    recorded it (``models[model]["shape"]``): every model is summarised and flagged against its own
-    card and delays, not against those of the model the task's metrics were built with."""
-    shape = ((run.get("models") or {}).get(model) or {}).get("shape")
-    if isinstance(shape, ModelShape):
-        return metrics.for_model(shape)
-    return metrics.for_model(ModelShape(**shape)) if shape else metrics
+    recorded it: every model is summarised and flagged against its own card and delays, not against
+    those of the model the task's metrics were built with."""
+    shape = run.shape_of(model)
+    return metrics if shape is None else metrics.for_model(shape)
 
 
-def build_results(run: dict, summaries: dict[str, dict[str, Any]],
+def build_results(run: RunRecord, summaries: dict[str, dict[str, Any]],
                   metrics_by_task: dict[str, TaskMetrics]) -> dict[str, Any]:
     """The results.json dict (not yet sanitised). ``summaries[task][model]`` is what that
     task's metrics made of the model's records (``TaskMetrics.summarize``)."""
@@ -131,7 +130,7 @@ def build_results(run: dict, summaries: dict[str, dict[str, Any]],
     warnings: dict[str, list[dict[str, Any]]] = {}
     for task, models in summaries.items():
         metrics = metrics_by_task[task]
-        base = resolve_baseline(run.get("baseline"), models, strict=False)
+        base = resolve_baseline(run.baseline, models, strict=False)
         baselines[task] = base
         metrics_config[task] = {**metrics.to_dict(), "leaderboard": metrics.leaderboard_spec()}
         results[task] = {}
@@ -140,23 +139,22 @@ def build_results(run: dict, summaries: dict[str, dict[str, Any]],
             m = mine.model_metrics(summary)
             if base is not None and model != base:
                 m["delta_vs_baseline"] = {"baseline": base, **mine.deltas(summary, models[base])}
-            flags = mine.model_flags(m, (run.get("models") or {}).get(model) or {})
+            flags = mine.model_flags(m, run.models.get(model) or ModelRecord(label=model))
             if flags:
                 m.setdefault("flags", []).extend(flags)
             results[task][model] = m
-        add_declared_lookahead_flags(results[task], run.get("models") or {})
-        add_lookahead_flags(results[task], (run.get("causality") or {}).get(task) or [])
+        add_declared_lookahead_flags(results[task], run.models)
+        add_lookahead_flags(results[task], run.causality.get(task) or [])
         directions[task] = metric_directions(metrics, results[task])
         warning = unreached_warning(task, metrics, results[task])
         if warning is not None:
             logger.warning(warning["message"])
             warnings[task] = [warning]
-    out = dict(run)
+    out = run.to_dict()
     out.update({"schema_version": SCHEMA_VERSION, "metrics_config": metrics_config,
                 "baselines": baselines, "results": results, "higher_is_better": directions,
                 "warnings": warnings,
-                "groups": group_results(results, baselines, run.get("group_subtasks") or {},
-                                        run.get("group_metrics") or {})})
+                "groups": group_results(results, baselines, run.group_subtasks, run.group_metrics)})
     return out
 
 
@@ -187,11 +185,11 @@ def unreached_warning(task: str, metrics: TaskMetrics, models: dict[str, dict]) 
         f"for these settings); {change} in the task config (or --task_args)")}
 
 
-def add_declared_lookahead_flags(models: dict[str, dict], info: dict[str, dict]) -> None:
+def add_declared_lookahead_flags(models: dict[str, dict], info: dict[str, ModelRecord]) -> None:
     """A model that looks ahead by construction (the ttt adapter with ``causal=false``): flag its
     row ``lookahead``, whatever the causality check saw."""
     for name, m in models.items():
-        if (info.get(name) or {}).get("lookahead"):
+        if name in info and info[name].lookahead:
             m.setdefault("flags", []).append({"code": "lookahead", "message": (
                 "looks ahead by construction (causal=false): the loss at a frame uses the TTT update of "
                 "its whole mini-batch, later frames included")})
@@ -267,8 +265,8 @@ def _sample_lines(summaries: dict[str, dict[str, Any]], metrics_by_task: dict[st
                                  ensure_ascii=False)
 
 
-def _labels(run: dict) -> dict[str, str]:
-    return {name: row_label(name, info) for name, info in (run.get("models") or {}).items()}
+def _labels(run: RunRecord) -> dict[str, str]:
+    return {name: row_label(name, info.to_dict()) for name, info in run.models.items()}
 
 
 def _log_flags(results: dict[str, dict[str, Any]]) -> None:
@@ -279,7 +277,7 @@ def _log_flags(results: dict[str, dict[str, Any]]) -> None:
                                f["message"])
 
 
-def write_outputs(out_dir: Path, run: dict, records: dict[str, dict[str, list[DocRecord]]],
+def write_outputs(out_dir: Path, run: RunRecord, records: dict[str, dict[str, list[DocRecord]]],
                   metrics_by_task: dict[str, TaskMetrics]) -> str:
     """Write every output file of a run into ``out_dir``; return the leaderboard markdown.
     ``metrics_by_task[task]`` is the task's :class:`TaskMetrics` (``Task.metrics``)."""

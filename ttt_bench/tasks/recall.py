@@ -322,11 +322,11 @@ class RecallMetrics(TaskMetrics):
                                                           "left out of both documents of their pair"})
         return flags
 
-    def model_flags(self, m: dict[str, Any], info: dict[str, Any]) -> list[dict[str, str]]:
+    def model_flags(self, m: dict[str, Any], info: Any) -> list[dict[str, str]]:
         """An attention-only model that gains from a repeat its attention cannot reach: the
         measurement is wrong (state carried between documents, or a reach larger than computed)."""
         gain = m.get("max_abs_pair_gain")
-        if (info.get("attention_only") and self.reach is not None and self.gap_frames >= self.reach
+        if (info.attention_only and self.reach is not None and self.gap_frames >= self.reach
                 and gain is not None and gain > ZERO_TOLERANCE):
             return [{"code": "attention_recall", "message": (
                 f"a model whose only memory is attention gains up to {gain:.3g} nats from a repeat "
