@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ttt_bench.models.base import StreamLayout
-from ttt_bench.models.streaming import forward_nll
+from ttt_bench.models.base import StreamingScorer, StreamLayout
+from ttt_bench.models.streaming import audio_delays, forward_nll
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,10 @@ class Verification:
         return asdict(self)
 
 
-def verification_frames(scorer, n_frames: int, chunk_size: int) -> int:
+def verification_frames(scorer: StreamingScorer, n_frames: int, chunk_size: int) -> int:
     """How much of a document a plain forward pass can reproduce: the attention context (both
     apply the same mask), or only the first chunk for adapters that change their weights."""
-    if getattr(scorer, "adapts_weights", False):
+    if scorer.adapts_weights:
         return min(n_frames, chunk_size)
     context = scorer.lm.context or n_frames
     return min(n_frames, context)
@@ -132,7 +132,7 @@ def verify_causality(name: str, scorer, doc_id: str, codes: torch.Tensor, chunk_
     window = codes[None, :, :frames]
     base = scorer.score(window, chunk_size=chunk_size, layout=layout)
     changed = scorer.score(perturb_from(window, start, lm.card), chunk_size=chunk_size, layout=layout)
-    delays = lm.delays[lm.audio_offset:lm.audio_offset + lm.dep_q]
+    delays = audio_delays(lm)
     before = max(_max_abs_diff(base[:, k, :max(0, start - d)], changed[:, k, :max(0, start - d)])
                  for k, d in enumerate(delays))
     after = _max_abs_diff(base[..., start:].nan_to_num(), changed[..., start:].nan_to_num())
