@@ -1,11 +1,15 @@
 """The prepared GPU check runs here: benchmarks/gpu_check.py on tiny shapes on the CPU writes every
 field of its report (the CUDA-only ones marked as not measured), keeps to its time budget and
-says what it skipped."""
+says what it skipped; benchmarks/gpu/run.sh runs it; benchmarks/gpu/prepare.sh writes nothing
+outside its folder."""
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +17,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+GPU = ROOT / "benchmarks" / "gpu"
 SECTIONS = ["setup", "verification", "causality", "adapters", "rng", "speed", "batch", "adapter_speed", "mimi",
             "long_document"]
 FIELDS = {  # section -> the fields its report must carry
@@ -128,3 +133,70 @@ def test_a_section_whose_estimate_overruns_the_budget_is_skipped_unrun(gpu_check
     entry = report["sections"]["speed"]
     assert entry["status"] == "skipped" and entry["reason"].startswith("estimated 100 s, ")
     assert report["skipped"] == [{"section": "speed", "reason": entry["reason"]}]
+
+
+def test_run_sh_runs_gpu_check_here(tmp_path):
+    """run.sh against this Python (which imports moshi, so nothing is installed), the output
+    under $OUT as on the device, extra arguments passed through."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "GPU_CHECK_SITE": str(tmp_path / "site")}
+    proc = subprocess.run(["bash", str(GPU / "run.sh"), "--device", "cpu", "--quick", "--sections", "causality",
+                           "--budget", "20"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert list(report["sections"]) == ["setup", "causality"] and report["elapsed_s"] < 20 + 3
+    if report["sections"]["setup"]["status"] == "done":  # unless a loaded machine spent the budget on it
+        assert report["sections"]["causality"]["status"] == "done" and report["checks_passed"]
+    assert "--sections causality --budget 20" in report["meta"]["command"]
+    assert "gpu_check on CPU" in (out / "gpu_check.log").read_text()
+    assert not (tmp_path / "site").exists(), "nothing is installed when this Python has the packages"
+
+
+def fake_wheel(folder: Path, filename: str) -> None:
+    """A minimal valid wheel named ``filename`` (name, version and tags from the name)."""
+    name, version = filename.split("-")[:2]
+    info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(folder / filename, "w") as whl:
+        whl.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{info}/RECORD", "")
+
+
+PINNED = ["moshi-0.2.13-py3-none-any.whl", "soundfile-0.14.0-py2.py3-none-manylinux_2_28_x86_64.whl",
+          "soxr-1.1.0-cp312-abi3-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
+          "cffi-2.1.1-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", "pycparser-3.12-py3-none-any.whl"]
+
+
+def git_status() -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--ignored", "--untracked-files=all"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_prepare_sh_writes_only_into_its_folder(tmp_path):
+    """Offline (--find-links, the pinned versions as minimal wheels, a stale one among them): the
+    destination ends up with exactly the pinned wheels, and nothing else appears anywhere: not in
+    the repository, the home folder or the temporary folder."""
+    links = tmp_path / "links"
+    links.mkdir()
+    for filename in PINNED + ["moshi-0.2.12-py3-none-any.whl"]:
+        fake_wheel(links, filename)
+    home, tmp, dest = tmp_path / "home", tmp_path / "tmp", tmp_path / "dest"
+    home.mkdir()
+    tmp.mkdir()
+    (dest).mkdir()
+    fake_wheel(dest, "moshi-0.2.12-py3-none-any.whl")  # a stale download of another version
+    before = git_status()
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(tmp), "PYTHON": sys.executable}
+    for flag in ("--dry-run", None):
+        args = ["bash", str(GPU / "prepare.sh"), "--find-links", str(links), "--dest", str(dest)]
+        proc = subprocess.run(args + ([flag] if flag else []), env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        if flag:
+            assert "would run:" in proc.stdout and "moshi==0.2.13" in proc.stdout
+            assert [p.name for p in dest.iterdir()] == ["moshi-0.2.12-py3-none-any.whl"]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(PINNED)
+    assert "5 wheels" in proc.stdout
+    assert not list(home.iterdir()) and not list(tmp.iterdir())
+    assert git_status() == before
