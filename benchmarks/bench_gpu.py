@@ -308,7 +308,8 @@ def adapters(args, lm: LMModel, device: torch.device, dtype: torch.dtype) -> Non
             free(device)
 
 
-def mimi_encoding(args, device: torch.device) -> None:
+def mimi_encoding(args, device: torch.device) -> dict[int, float]:
+    """Mimi encoding speed, x real time, per batch size (also printed)."""
     from ttt_bench.audio.codec import MimiCodec
 
     if args.quick:
@@ -323,8 +324,10 @@ def mimi_encoding(args, device: torch.device) -> None:
     cases = {str(B): Case(lambda B=B: codec.encode_streams([[audio]] * B), B * args.mimi_seconds)
              for B in args.mimi_batches}
     speeds = round_robin(cases, args.repeats, device_clock(device))
+    realtime = {B: median_speed(speeds, str(B)) for B in args.mimi_batches}
     print(f"[mimi] encoding {args.mimi_seconds:g} s recordings, chunk {codec.chunk_frames} frames: " + ", ".join(
-        f"batch {B}: {median_speed(speeds, str(B)):.1f}x real time" for B in args.mimi_batches))
+        f"batch {B}: {x:.1f}x real time" for B, x in realtime.items()))
+    return realtime
 
 
 # -- main -----------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from typing import Callable
 import torch
 from moshi.models import loaders
 
+from ttt_bench.models.base import StreamLayout
 from ttt_bench.models.loading.moshi import TINY_LM_CONFIG
+from ttt_bench.models.streaming import forward_nll
 
 # dim 512, 8 layers, 8 heads, card 2048, text vocab 32000, depformer 256 wide and 4 deep, context 3000
 BENCH_LM_CONFIG = {
@@ -40,6 +42,35 @@ def bench_lm(context: int | None = None, seed: int = 0, dtype=torch.float32, qui
     base = TINY_LM_CONFIG if quick else BENCH_LM_CONFIG
     config = {**copy.deepcopy(base), "context": context or (QUICK_CONTEXT if quick else base["context"])}
     return loaders.get_moshi_lm(None, lm_kwargs=config, device=device, dtype=dtype).eval()
+
+
+TRAINED_NLL_STD = 2.5  # nats: the per-position spread of a trained Moshi's NLL (2-4 nats)
+
+
+def scale_output_heads(lm, codes: torch.Tensor, nll_std: float = TRAINED_NLL_STD, rounds: int = 4) -> dict:
+    """Scale the audio output heads (``lm.linears``, the depformer's projections to the codebooks)
+    of a random-weight ``lm`` in place until the NLL of ``codes`` [B, 8, T] varies from position to
+    position with a standard deviation of ``nll_std`` nats, as a trained model's does.
+
+    Random heads give logits of about +-0.5: every NLL sits near ln(card) with almost no spread,
+    so rounding in bfloat16 is far smaller than in a trained model, and a loss taken from the
+    wrong frame changes little. Scaled heads give logits of a trained model's size (a few units,
+    the largest near 10) and an NLL that differs by nats from one position to the next. Its mean
+    stays above ln(card): random weights cannot predict random codes. Returns the NLL's
+    statistics after scaling and the factor applied."""
+    factor = 1.0
+    with torch.no_grad():
+        for _ in range(rounds):
+            nll = forward_nll(lm, codes.to(lm.device), StreamLayout()).float()
+            std = float(nll[~nll.isnan()].std())
+            step = nll_std / std
+            for head in lm.linears:
+                head.weight.mul_(step)
+            factor *= step
+        nll = forward_nll(lm, codes.to(lm.device), StreamLayout()).float()
+        values = nll[~nll.isnan()]
+    return {"factor": factor, "nll_mean": float(values.mean()), "nll_std": float(values.std()),
+            "nll_min": float(values.min()), "nll_max": float(values.max())}
 
 
 def n_params(module) -> int:

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from ttt_bench.metrics import (DocRecord, MetricsConfig, bootstrap_delta, bootstrap_ratio,
+from ttt_bench.config import StreamTaskConfig
+from ttt_bench.metrics import (DocRecord, ModelShape, bootstrap_delta, bootstrap_ratio,
                                compare_to_baseline, compute_model_metrics, mean_curves,
                                per_document_metrics, raise_on_flags, SanityError, sanity_flags,
                                summarize)
@@ -17,11 +18,12 @@ DELAYS = [0, 1, 1, 1, 1, 1, 1, 1]
 OFFSETS = np.array([0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # per codebook
 
 
-def small_cfg(**kw) -> MetricsConfig:
-    base = dict(positions=[200, 400], window=50, early_late_frames=100,
-                segments=[(100, 200), (200, 400)], bootstrap_iters=200, seed=0, card=2048)
+def small_cfg(**kw) -> StreamTaskConfig:
+    """A long-stream task config with short positions (validated as a task config is)."""
+    base = dict(task="synthetic", positions=[200, 400], window=50, early_late_frames=100,
+                segments=[[100, 200], [200, 400]], bootstrap_iters=200)
     base.update(kw)
-    return MetricsConfig(**base)
+    return StreamTaskConfig.from_dict(base)
 
 
 def linear_doc(doc_id: str, n_frames: int, offset: float = 3.0, slope: float = -1e-3,
@@ -70,7 +72,7 @@ def test_documents_of_different_lengths_count_per_position():
     lengths = [150, 300, 450, 600]
     offsets = [2.0, 3.0, 4.0, 5.0]  # longer documents are harder: must not bias the slope
     recs = [linear_doc(f"d{i}", n, off, -2e-3) for i, (n, off) in enumerate(zip(lengths, offsets))]
-    curves = mean_curves(recs, cfg)
+    curves = mean_curves(recs)
     count = curves["all"]["count"]
     assert count.shape == (600,)
     assert count[0] == 4 and count[148] == 4 and count[149] == 3  # last frame of d0: cb0 only
@@ -109,7 +111,7 @@ def test_unavailable_is_none_never_zero():
 def test_delay_nans_are_not_failures_but_inf_and_predicted_nan_are():
     cfg = small_cfg()
     clean = linear_doc("clean", 300)
-    assert summarize(clean, cfg).n_nonfinite == 0
+    assert summarize(clean).n_nonfinite == 0
     bad = linear_doc("bad", 300)
     bad.nll[0, 10] = np.inf
     bad.nll[2, 20] = np.nan      # predicted position
@@ -124,14 +126,14 @@ def test_delay_nans_are_not_failures_but_inf_and_predicted_nan_are():
 
 
 def test_delays_are_configurable():
-    cfg = small_cfg(delays=[0, 2, 2, 2, 2, 2, 2, 2])
+    shape = ModelShape(delays=[0, 2, 2, 2, 2, 2, 2, 2])
     rec = linear_doc("d", 300)
     rec.nll[1:, -2] = np.nan
-    s = summarize(rec, cfg)
+    s = summarize(rec, shape)
     assert s.n_nonfinite == 0 and s.n_no_prediction == 14
     assert np.isnan(s.curves["all"][-2]) and not np.isnan(s.curves["semantic"][-2])
     with pytest.raises(ValueError, match="expected"):
-        summarize(linear_doc("d", 300), MetricsConfig(delays=[0, 1]))
+        summarize(linear_doc("d", 300), ModelShape(delays=[0, 1]))
 
 
 def test_ln10_signature_is_flagged():
@@ -141,7 +143,7 @@ def test_ln10_signature_is_flagged():
     low = rng.random(nll.shape) < 0.03
     nll[low] = rng.uniform(1.49, 2.29, low.sum())
     nll[1:, -1] = np.nan
-    flags = sanity_flags([DocRecord("old", {}, nll)], small_cfg())
+    flags = sanity_flags([DocRecord("old", {}, nll)])
     codes = [f["code"] for f in flags]
     assert codes == ["degenerate"]
     assert "ln(10)" in flags[0]["message"]
@@ -149,26 +151,26 @@ def test_ln10_signature_is_flagged():
 
 
 def test_uniform_over_codebook_and_flat_curve_are_flagged():
-    cfg = small_cfg(card=2048)
+    shape = ModelShape(card=2048)
     rng = np.random.default_rng(2)
     near = linear_doc("u", 300, offset=math.log(2048), slope=0.0, noise=0.3, rng=rng)
     near.nll[:8] -= OFFSETS[:, None]
-    assert [f["code"] for f in sanity_flags([near], cfg)] == ["near_uniform"]
+    assert [f["code"] for f in sanity_flags([near], shape)] == ["near_uniform"]
     flat = DocRecord("flat", {}, np.full((8, 300), 3.7))
     flat.nll[1:, -1] = np.nan
-    assert [f["code"] for f in sanity_flags([flat], cfg)] == ["flat_curve"]
+    assert [f["code"] for f in sanity_flags([flat], shape)] == ["flat_curve"]
     healthy = linear_doc("ok", 300, noise=0.5, rng=rng)
-    assert sanity_flags([healthy], cfg) == []
+    assert sanity_flags([healthy], shape) == []
 
 
 def test_bootstrap_interval_covers_true_value_at_nominal_rate():
-    cfg = MetricsConfig(bootstrap_iters=400, seed=0)
+    iters = 400
     rng = np.random.default_rng(3)
     hits = 0
     reps = 200
     for _ in range(reps):
         doc_means = rng.normal(2.5, 0.3, 40)
-        b = bootstrap_ratio(doc_means, np.ones(40), cfg)
+        b = bootstrap_ratio(doc_means, np.ones(40), iters)
         hits += b["ci"][0] <= 2.5 <= b["ci"][1]
     assert 0.85 <= hits / reps <= 0.99  # nominal 0.95; percentile bootstrap runs a bit low
 
@@ -187,13 +189,13 @@ def test_bootstrap_covers_true_slope_through_the_full_pipeline():
 
 
 def test_paired_delta_is_tighter_than_unpaired_on_correlated_data():
-    cfg = MetricsConfig(bootstrap_iters=500, seed=0)
+    iters = 500
     rng = np.random.default_rng(5)
     base = rng.normal(3.0, 0.5, 50)            # documents differ a lot in difficulty
     model = base - 0.05 + rng.normal(0, 0.01, 50)  # same documents, a small real gain
     ones = np.ones(50)
-    paired = bootstrap_delta(model, ones, base, ones, cfg, paired=True)
-    unpaired = bootstrap_delta(model, ones, base, ones, cfg, paired=False)
+    paired = bootstrap_delta(model, ones, base, ones, iters, paired=True)
+    unpaired = bootstrap_delta(model, ones, base, ones, iters, paired=False)
     assert paired["value"] == pytest.approx(unpaired["value"])
     assert paired["stderr"] < unpaired["stderr"] / 5
     assert paired["ci"][1] < 0 < unpaired["ci"][1]  # only pairing shows the gain is real
@@ -227,13 +229,13 @@ def test_targets_pass_fail_and_validation():
     with pytest.raises(ValueError, match="expected"):
         small_cfg(targets={"late_nll": "about 2"})
     with pytest.raises(ValueError, match="unknown key"):
-        MetricsConfig.from_dict({"postions": [1]})
+        StreamTaskConfig.from_dict({"task": "t", "postions": [1]})
 
 
 def test_per_document_metrics_and_determinism():
     cfg = small_cfg()
     rng = np.random.default_rng(7)
     recs = [linear_doc(f"d{i}", 420, noise=0.2, rng=rng) for i in range(5)]  # < 400 + 25
-    per = per_document_metrics(summarize(recs[0], cfg), cfg)
+    per = per_document_metrics(summarize(recs[0]), cfg)
     assert per["nll@400"] is None and per["nll@200"] is not None and per["n_nonfinite"] == 0
     assert compute_model_metrics(recs, cfg) == compute_model_metrics(recs, cfg)

@@ -22,11 +22,11 @@ from pair_fixtures import (SR, salmon_features, salmon_rows, speed_features, spe
                            write_hub_pair_dataset)
 from ttt_bench.evaluation.batching import BatchScorer, mask_past_end
 from ttt_bench.cli import main
-from ttt_bench.metrics import DocRecord, MetricsConfig
+from ttt_bench.metrics import DocRecord, ModelShape
 from ttt_bench.models.base import StreamLayout
 from ttt_bench.registry import get_model, get_task
 from evaluate_helper import evaluate_run
-from ttt_bench.tasks.pairs import CODEBOOKS, PairMetrics, clip_nll, load_rows
+from ttt_bench.tasks.pairs import CODEBOOKS, PairMetrics, PairTaskConfig, clip_nll, load_rows
 
 SALMON = ("bg_alignment", "bg_all_consistency", "bg_domain_consistency", "gender_consistency",
           "rir_consistency", "sentiment_alignment", "sentiment_consistency", "speaker_consistency")
@@ -166,8 +166,8 @@ def test_codebook_selection_changes_which_nll_is_summed(frozen, codec):
 
 
 def test_ties_count_half_and_swapping_gives_one_minus_acc():
-    cfg = MetricsConfig(bootstrap_iters=100, card=256, delays=[0, 1, 1, 1, 1, 1, 1, 1])
-    metrics = PairMetrics("semantic", cfg)
+    config = PairTaskConfig.from_dict({"task": "pairs", "source": {"path": "unused"}, "bootstrap_iters": 100})
+    metrics = PairMetrics(config, ModelShape(card=256, delays=[0, 1, 1, 1, 1, 1, 1, 1]))
     rng = np.random.default_rng(0)
 
     def records(swap: bool, tie_at: int) -> list[DocRecord]:

@@ -12,10 +12,11 @@ import torch
 from moshi.utils.compile import no_compile
 
 from ttt_bench.config import ConfigError
-from ttt_bench.metrics import MetricsConfig
+from ttt_bench.metrics import ModelShape
 from ttt_bench.registry import get_model, get_task
+from ttt_bench.reporting.run_record import ModelRecord
 from evaluate_helper import evaluate_run
-from ttt_bench.tasks.recall import RecallMetrics, attention_reach
+from ttt_bench.tasks.recall import RecallMetrics, RecallTaskConfig, attention_reach
 
 R = 40  # frames of A
 
@@ -135,14 +136,15 @@ def test_inside_the_reach_attention_carries_the_first_a(tmp_path):
 
 
 def test_an_attention_only_model_that_gains_past_its_reach_is_flagged():
-    metrics = RecallMetrics(MetricsConfig(card=256), recall_frames=R, gap_frames=128, reach=128)
+    config = RecallTaskConfig.from_dict({"task": "recall", "recall_frames": R})
+    metrics = RecallMetrics(config, ModelShape(card=256), gap_frames=128, reach=128)
     row = {"max_abs_pair_gain": 3e-3}
-    [flag] = metrics.model_flags(row, {"attention_only": True})
+    [flag] = metrics.model_flags(row, ModelRecord(label="m", attention_only=True))
     assert flag["code"] == "attention_recall"
-    assert metrics.model_flags(row, {"attention_only": False}) == []
-    assert metrics.model_flags({"max_abs_pair_gain": 1e-7}, {"attention_only": True}) == []
-    inside = RecallMetrics(MetricsConfig(card=256), recall_frames=R, gap_frames=20, reach=128)
-    assert inside.model_flags(row, {"attention_only": True}) == []
+    assert metrics.model_flags(row, ModelRecord(label="m", attention_only=False)) == []
+    assert metrics.model_flags({"max_abs_pair_gain": 1e-7}, ModelRecord(label="m", attention_only=True)) == []
+    inside = RecallMetrics(config, ModelShape(card=256), gap_frames=20, reach=128)
+    assert inside.model_flags(row, ModelRecord(label="m", attention_only=True)) == []
 
 
 def test_terminal_table_fits_120_columns_with_deltas_marks_and_flags(past_the_reach):

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from test_metrics import linear_doc, small_cfg
-from ttt_bench.metrics import DocRecord, summarize_all
+from ttt_bench.metrics import DocRecord, StreamMetrics, summarize_all
+from ttt_bench.reporting.run_record import ModelRecord, RunRecord
 from ttt_bench.reporting.report import (build_results, merge_runs, render_leaderboard, resolve_baseline,
                               to_jsonable, write_outputs)
 
@@ -39,29 +40,28 @@ def synthetic_records(seed: int = 0) -> dict[str, list[DocRecord]]:
     return {"frozen": frozen, "ttt": ttt, "legacy": legacy}
 
 
-def make_run(records: dict[str, list[DocRecord]], **over) -> dict:
-    run = {"config": {"model": ",".join(records), "tasks": TASK}, "environment": {"numpy": "x"},
-           "git_hash": "0" * 40, "command": "ttt-bench --model ...", "complete": True,
-           "skipped": {TASK: []},
-           "models": {"frozen": {"label": "frozen", "legacy": False, "options": {}},
-                      "ttt": {"label": "ttt", "legacy": False, "options": {"layers": [1]}},
-                      "legacy": {"label": "ttt", "legacy": True, "options": {}}},
-           "tasks": {TASK: {"layout": {"text_stream": "pad", "user_stream": "zero"},
-                            "data": {"source": "synthetic",
-                                     "doc_ids": [d.doc_id for d in next(iter(records.values()))]}}},
-           "baseline": None}
+def make_run(records: dict[str, list[DocRecord]], **over) -> RunRecord:
+    run = dict(config={"model": ",".join(records), "tasks": TASK}, environment={"numpy": "x"},
+               git_hash="0" * 40, command="ttt-bench --model ...", complete=True,
+               skipped={TASK: []},
+               models={"frozen": ModelRecord(label="frozen"),
+                       "ttt": ModelRecord(label="ttt", options={"layers": [1]}),
+                       "legacy": ModelRecord(label="ttt", legacy=True)},
+               tasks={TASK: {"layout": {"text_stream": "pad", "user_stream": "zero"},
+                             "data": {"source": "synthetic",
+                                      "doc_ids": [d.doc_id for d in next(iter(records.values()))]}}},
+               baseline=None)
     run.update(over)
-    return run
+    return RunRecord(**run)
 
 
 def cfg():
-    return small_cfg(bootstrap_iters=100, targets={"late_nll": "< 2.9", "slope": "< -1e-4"})
+    return StreamMetrics(small_cfg(bootstrap_iters=100, targets={"late_nll": "< 2.9", "slope": "< -1e-4"}))
 
 
 def results_json(records: dict[str, list[DocRecord]], run: dict) -> dict:
-    c = cfg()
-    summaries = {TASK: {m: summarize_all(r, c) for m, r in records.items()}}
-    return to_jsonable(build_results(run, summaries, {TASK: c}))
+    summaries = {TASK: {m: summarize_all(r) for m, r in records.items()}}
+    return to_jsonable(build_results(run, summaries, {TASK: cfg()}))
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_merge_compatible_runs(tmp_path):
     a = results_json({"frozen": records["frozen"], "ttt": records["ttt"]}, make_run(records))
     later = {"frozen": records["frozen"], "ttt": records["legacy"]}
     b_run = make_run(records)
-    b_run["models"]["ttt"] = {"label": "ttt", "legacy": False, "options": {"layers": [2]}}
+    b_run.models["ttt"] = ModelRecord(label="ttt", options={"layers": [2]})
     b = results_json(later, b_run)
     merged = merge_runs([_write_run(tmp_path / "jan", a), _write_run(tmp_path / "feb", b)])
     rows = [line for line in merged.splitlines() if line.startswith("| ")]
@@ -243,3 +243,17 @@ def test_every_shipped_task_config_has_a_version():
         assert isinstance(version, (int, float)) and not isinstance(version, bool), f"{path}: version {version!r}"
     with pytest.raises(ConfigError, match="'version' must be a number"):
         TaskConfig.from_dict({"task": "t", "version": "one"})
+
+
+def test_results_json_begins_with_the_typed_run_record_in_its_fields_order(written):
+    from dataclasses import fields
+
+    out, _, _ = written
+    keys = list(json.loads((out / "results.json").read_text()))
+    recorded = [f.name for f in fields(RunRecord) if f.name != "resume_command"]  # a finished run has none
+    assert keys[:len(recorded)] == recorded
+    assert keys[len(recorded):] == ["schema_version", "metrics_config", "baselines", "results", "higher_is_better",
+                                    "warnings", "groups"]
+    assert json.loads((out / "results.json").read_text())["models"]["ttt"] == {
+        "label": "ttt", "legacy": False, "lookahead": False, "attention_only": False, "options": {"layers": [1]},
+        "shape": None}

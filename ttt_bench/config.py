@@ -5,6 +5,11 @@ keys every task has (name, class, source, stream layout, how models are scored a
 bootstrap, targets); a class adds its own keys in a subclass (the long-stream keys are in
 :class:`StreamTaskConfig`). A key the task's class does not declare is refused with the valid
 keys listed.
+
+A config is validated once, when it is read (``from_dict``), targets included: every class's
+targets name a metric it reports (``metric_names``) and follow the one target grammar
+(``ttt_bench.metrics.parse_target``). The task's metrics read their settings from the config
+itself; nothing is copied into a second settings object.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
+from ttt_bench.metrics import metric_names as stream_metric_names, parse_target
 from ttt_bench.names import UnknownNameError, get_task_class
 from ttt_bench.options import yaml_error_line
 
@@ -24,7 +30,6 @@ class ConfigError(ValueError):
     """A task config that is not valid; the message names the file, the key and what was expected."""
 
 
-_TARGET_OPS = ("<=", ">=", "<", ">")
 DEFAULT_TASK_CLASS = "librilight_stream"
 
 
@@ -69,6 +74,7 @@ class TaskConfig:
             raise ConfigError(f"{source}: missing key 'task' (the task's name)")
         config = cls(**data, **({"config_path": source} if "config_path" not in data else {}))
         config.validate(source)
+        check_targets(config, source)
         return config
 
     def validate(self, source: str) -> None:
@@ -94,9 +100,11 @@ class TaskConfig:
             fail("user_stream", "'zero' or 'silence'", self.user_stream)
         if self.legacy_window is not None and (not isinstance(self.legacy_window, int) or self.legacy_window < 1):
             fail("legacy_window", "null or a positive integer", self.legacy_window)
-        for metric, condition in self.targets.items():
-            if not isinstance(condition, str) or not _parse_target(condition):
-                fail(f"targets.{metric}", "a condition like '< 2.25' or '> 0.05'", condition)
+
+    def metric_names(self) -> list[str] | None:
+        """The metrics a task of this class reports (what ``targets`` may name); None: not known
+        before the run (a class that does not say)."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -133,9 +141,14 @@ class StreamTaskConfig(TaskConfig):
         if not isinstance(self.positions, list) or not all(isinstance(p, int) and p >= 0 for p in self.positions):
             fail("positions", "a list of frame indices (integers >= 0)", self.positions)
         if not isinstance(self.segments, list) or not all(_is_range(s) for s in self.segments):
-            fail("segments", "a list of [start, end] frame ranges with start < end", self.segments)
+            fail("segments", "a list of [start, end] frame ranges with end - start >= 2 (a slope needs two "
+                             "frames)", self.segments)
         if self.slope_range is not None and not _is_range(self.slope_range):
-            fail("slope_range", "null or [start, end] with start < end", self.slope_range)
+            fail("slope_range", "null or [start, end] with end - start >= 2 (a slope needs two frames)",
+                 self.slope_range)
+
+    def metric_names(self) -> list[str]:
+        return stream_metric_names(self)
 
 
 def check_select_and_split(source: str, config: Any) -> None:
@@ -154,6 +167,20 @@ def check_select_and_split(source: str, config: Any) -> None:
         librilight_split_source(config.source, config.split)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def check_targets(config: TaskConfig, source: str) -> None:
+    """Each target names a metric the task's class reports and holds a condition of the one target
+    grammar (``ttt_bench.metrics.parse_target``), for every task class alike."""
+    known = config.metric_names()
+    for metric, condition in config.targets.items():
+        if known is not None and metric not in known:
+            raise ConfigError(f"{source}: key 'targets.{metric}': unknown metric {metric!r} for a task of class "
+                              f"{config.task_class!r}; known: {', '.join(known)}")
+        try:
+            parse_target(condition)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: key 'targets.{metric}': {exc}") from None
 
 
 def _failer(source: str) -> Callable[[str, str, Any], None]:
@@ -182,18 +209,7 @@ def config_class_of(task_class: Any, source: str) -> type[TaskConfig]:
 
 def _is_range(value: Any) -> bool:
     return (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(v, int) for v in value) and value[0] < value[1])
-
-
-def _parse_target(condition: str) -> tuple[str, float] | None:
-    text = condition.strip()
-    for op in _TARGET_OPS:
-        if text.startswith(op):
-            try:
-                return op, float(text[len(op):])
-            except ValueError:
-                return None
-    return None
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value) and value[1] - value[0] >= 2)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -1,12 +1,17 @@
 """Per-position statistics, metrics, bootstrap intervals and sanity checks.
 
+The settings come from the task's config (``ttt_bench.config``: ``positions``, ``window``,
+``early_late_frames``, ``slope_range``, ``segments``, ``bootstrap_iters``, ``targets``, validated
+once when the config is read) and, from the model that scored, only its :class:`ModelShape`
+(``card``, ``delays``).
+
 Input: one :class:`DocRecord` per document and model, holding that document's NLL
 ``[n_codebooks, T]`` (nats, NaN where a position has no prediction).
 
 Conventions (stable; documented here and in the README):
 
 * Prediction mask. Codebook ``k`` has no prediction at positions ``t >= T - delays[k]``
-  (``MetricsConfig.delays``, default ``[0, 1, 1, 1, 1, 1, 1, 1]``). NaN there is expected and
+  (the model's ``ModelShape.delays``, Moshi's ``[0, 1, 1, 1, 1, 1, 1, 1]``). NaN there is expected and
   excluded ("no prediction", counted in ``n_no_prediction``). Any other non-finite value (Inf
   anywhere, NaN at a predicted position) is a failure: excluded from every mean, counted in
   ``n_nonfinite`` and raised as the ``nonfinite`` flag. A failure never becomes ``0.0``.
@@ -32,7 +37,7 @@ Conventions (stable; documented here and in the README):
   in ``segments`` (half-open, documents must cover it).
 * Bootstrap. Every metric above is a ratio ``sum_d num_d / sum_d den_d`` over its contributing
   documents (``den_d > 0``). Documents are resampled with replacement (``bootstrap_iters``
-  draws, fixed ``seed``) among the contributing documents; percentile interval at ``ci_level``
+  draws, fixed seed ``BOOTSTRAP_SEED``) among the contributing documents; percentile interval at ``CI_LEVEL``
   and standard error = std of the replicates. Fewer than 2 contributing documents: interval and
   standard error are ``None`` (unavailable, never 0).
 * Deltas (:func:`compare_to_baseline`): ``model - baseline`` on the documents both scored
@@ -63,20 +68,31 @@ Schema of :func:`compute_model_metrics` (``results[task][model]`` in results.jso
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import operator
 import re
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 
+from ttt_bench.constants import FRAME_RATE, N_CODEBOOKS
+
 logger = logging.getLogger(__name__)
 
-FRAME_RATE = 12.5  # Mimi frames per second
 GROUPS = ("all", "semantic", "acoustic")
+
+# Fixed settings of the statistics (not task config keys; results.json records them).
+BOOTSTRAP_SEED = 0   # the bootstrap's random generator
+CI_LEVEL = 0.95      # the intervals' coverage
+DEGENERATE_TOL = 1e-3      # |NLL - ln(n)| counted as "at ln(n)"
+DEGENERATE_MAX_N = 64      # n = 1 .. this for the ln(n) signature
+DEGENERATE_SPREAD = 0.05   # std below this = "almost no spread"
+DEGENERATE_FRACTION = 0.5  # this share of values at ln(n) = clustered
+CARD_TOL = 0.05            # mean NLL >= ln(card) - this = near uniform
 
 
 @dataclass
@@ -99,79 +115,30 @@ _TARGET_OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
-def parse_target(spec: str) -> tuple[str, float]:
-    """``"< 2.25"`` -> ``("<", 2.25)``; raises ValueError naming the spec."""
-    m = _TARGET_RE.match(str(spec))
-    if not m:
+def parse_target(spec: Any) -> tuple[str, float]:
+    """The one grammar of a target: ``"< 2.25"`` -> ``("<", 2.25)``; raises ValueError naming
+    the spec. Task configs are checked with it (``ttt_bench.config``) and targets evaluated by it."""
+    m = _TARGET_RE.match(spec) if isinstance(spec, str) else None
+    try:
+        return m.group(1), float(m.group(2))  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
         raise ValueError(f"target {spec!r}: expected '<', '<=', '>' or '>=' and a number, "
-                         "e.g. '< 2.25'")
-    return m.group(1), float(m.group(2))
+                         "e.g. '< 2.25'") from None
 
 
-@dataclass
-class MetricsConfig:
-    """What to compute; every field can be set from a task config's ``metrics:`` section."""
+@dataclass(frozen=True)
+class ModelShape:
+    """What the metrics need to know about the model that scored (not about the task): its
+    codebook size ``card`` (the uniform guess is ln(card)) and its codebooks' ``delays`` (where
+    a codebook has no prediction). ``ttt_bench.tasks.base.shape_of(lm)`` reads them off a model."""
 
-    positions: list[int] = field(default_factory=lambda: [8000, 16000, 24000])
-    window: int = 500
-    early_late_frames: int = 1000
-    slope_range: tuple[int, int | None] | None = None
-    segments: list[tuple[int, int]] = field(
-        default_factory=lambda: [(4000, 8000), (8000, 16000), (16000, 24000)])
-    bootstrap_iters: int = 1000
-    seed: int = 0
-    ci_level: float = 0.95
     card: int = 2048
-    delays: list[int] = field(default_factory=lambda: [0, 1, 1, 1, 1, 1, 1, 1])
-    targets: dict[str, str] = field(default_factory=dict)
-    frame_rate: float = FRAME_RATE
-    degenerate_tol: float = 1e-3      # |NLL - ln(n)| counted as "at ln(n)"
-    degenerate_max_n: int = 64        # n = 1 .. this for the ln(n) signature
-    degenerate_spread: float = 0.05   # std below this = "almost no spread"
-    degenerate_fraction: float = 0.5  # this share of values at ln(n) = clustered
-    card_tol: float = 0.05            # mean NLL >= ln(card) - this = near uniform
+    delays: tuple[int, ...] = (0, 1, 1, 1, 1, 1, 1, 1)
 
     def __post_init__(self) -> None:
-        self.positions = [int(p) for p in self.positions]
-        self.segments = [(int(a), int(b)) for a, b in self.segments]
-        self.delays = [int(d) for d in self.delays]
-        if self.slope_range is not None:
-            a, b = self.slope_range
-            self.slope_range = (int(a), None if b is None else int(b))
-            if b is not None and int(b) - int(a) < 2:
-                raise ValueError(f"metrics.slope_range {self.slope_range}: needs b - a >= 2")
-        for a, b in self.segments:
-            if b - a < 2:
-                raise ValueError(f"metrics.segments ({a}, {b}): needs end - start >= 2")
-        if self.window < 0 or self.early_late_frames < 1 or self.bootstrap_iters < 0:
-            raise ValueError("metrics: window >= 0, early_late_frames >= 1 and "
-                             "bootstrap_iters >= 0 are required")
-        if not 0 < self.ci_level < 1:
-            raise ValueError(f"metrics.ci_level {self.ci_level}: must be in (0, 1)")
+        object.__setattr__(self, "delays", tuple(int(d) for d in self.delays))
         if not self.delays or min(self.delays) < 0:
-            raise ValueError(f"metrics.delays {self.delays}: one delay >= 0 per codebook")
-        names = set(metric_names(self))
-        for name, spec in self.targets.items():
-            if name not in names:
-                raise ValueError(f"metrics.targets: unknown metric {name!r}; "
-                                 f"known: {', '.join(sorted(names))}")
-            parse_target(spec)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "MetricsConfig":
-        """Build from a task config's ``metrics:`` mapping; unknown keys are an error."""
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"metrics: unknown key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["segments"] = [list(s) for s in self.segments]
-        d["slope_range"] = None if self.slope_range is None else list(self.slope_range)
-        return d
+            raise ValueError(f"delays {list(self.delays)}: one delay >= 0 per codebook")
 
     @property
     def n_codebooks(self) -> int:
@@ -182,12 +149,13 @@ class MetricsConfig:
         return {"all": list(range(k)), "semantic": [0], "acoustic": list(range(1, k))}[group]
 
 
-def metric_names(cfg: MetricsConfig) -> list[str]:
-    """Every metric name, in the stable order used in results.json and the leaderboard."""
+def metric_names(cfg: Any, n_codebooks: int = N_CODEBOOKS) -> list[str]:
+    """Every long-stream metric of a task config ``cfg`` (a :class:`ttt_bench.config.StreamTaskConfig`),
+    in the stable order used in results.json and the leaderboard."""
     names = ["mean_nll"] + [f"nll@{p}" for p in cfg.positions]
     names += ["early_nll", "late_nll", "improvement", "slope"]
     names += [f"slope_{a}_{b}" for a, b in cfg.segments]
-    names += ["nll_semantic", "nll_acoustic"] + [f"nll_cb{k}" for k in range(cfg.n_codebooks)]
+    names += ["nll_semantic", "nll_acoustic"] + [f"nll_cb{k}" for k in range(n_codebooks)]
     return names
 
 
@@ -219,32 +187,32 @@ def prediction_mask(n_frames: int, delays: Sequence[int]) -> np.ndarray:
     return t[None, :] < (n_frames - np.asarray(delays))[:, None]
 
 
-def _near_ln_counts(values: np.ndarray, cfg: MetricsConfig) -> np.ndarray:
-    """How many values lie within ``degenerate_tol`` of ln(n), for n = 0 .. max_n."""
-    counts = np.zeros(cfg.degenerate_max_n + 1, dtype=np.int64)
+def _near_ln_counts(values: np.ndarray) -> np.ndarray:
+    """How many values lie within ``DEGENERATE_TOL`` of ln(n), for n = 0 .. DEGENERATE_MAX_N."""
+    counts = np.zeros(DEGENERATE_MAX_N + 1, dtype=np.int64)
     v = values.astype(np.float32)
-    v = v[(v > -cfg.degenerate_tol) & (v < math.log(cfg.degenerate_max_n) + cfg.degenerate_tol)]
+    v = v[(v > -DEGENERATE_TOL) & (v < math.log(DEGENERATE_MAX_N) + DEGENERATE_TOL)]
     if v.size:
-        n = np.clip(np.rint(np.exp(v)), 1, cfg.degenerate_max_n).astype(np.int64)
-        table = np.log(np.arange(1, cfg.degenerate_max_n + 1, dtype=np.float32))
-        hit = np.abs(v - table[n - 1]) <= cfg.degenerate_tol
-        counts += np.bincount(n[hit], minlength=cfg.degenerate_max_n + 1)
+        n = np.clip(np.rint(np.exp(v)), 1, DEGENERATE_MAX_N).astype(np.int64)
+        table = np.log(np.arange(1, DEGENERATE_MAX_N + 1, dtype=np.float32))
+        hit = np.abs(v - table[n - 1]) <= DEGENERATE_TOL
+        counts += np.bincount(n[hit], minlength=DEGENERATE_MAX_N + 1)
     return counts
 
 
-def summarize(record: DocRecord, cfg: MetricsConfig) -> DocSummary:
-    """Per-document curves and counts (the only pass over the raw NLL)."""
+def summarize(record: DocRecord, shape: ModelShape = ModelShape()) -> DocSummary:
+    """Per-document curves and counts (the only pass over the raw NLL) of a model of ``shape``."""
     nll = np.asarray(record.nll, dtype=np.float64)
-    if nll.ndim != 2 or nll.shape[0] != cfg.n_codebooks:
+    if nll.ndim != 2 or nll.shape[0] != shape.n_codebooks:
         raise ValueError(f"document {record.doc_id!r}: nll has shape {nll.shape}, expected "
-                         f"[{cfg.n_codebooks}, T] (one row per codebook, see metrics.delays)")
+                         f"[{shape.n_codebooks}, T] (one row per codebook: the model's delays)")
     k, t = nll.shape
-    pred = prediction_mask(t, cfg.delays)
+    pred = prediction_mask(t, shape.delays)
     finite = np.isfinite(nll)
     good = pred & finite
     curves = {}
     for group in GROUPS:
-        cbs = cfg.group_codebooks(group)
+        cbs = shape.group_codebooks(group)
         if not cbs:
             curves[group] = np.full(t, np.nan)
             continue
@@ -261,11 +229,11 @@ def summarize(record: DocRecord, cfg: MetricsConfig) -> DocSummary:
         n_nonfinite=int((~finite & pred).sum() + (np.isinf(nll) & ~pred).sum()),
         n_no_prediction=int((~pred).sum()), value_count=int(flat.size), value_mean=mean,
         value_m2=float(((flat - mean) ** 2).sum()) if flat.size else 0.0,
-        near_ln=_near_ln_counts(flat, cfg))
+        near_ln=_near_ln_counts(flat))
 
 
-def summarize_all(records: Iterable[DocRecord], cfg: MetricsConfig) -> list[DocSummary]:
-    return [summarize(r, cfg) for r in records]
+def summarize_all(records: Iterable[DocRecord], shape: ModelShape = ModelShape()) -> list[DocSummary]:
+    return [summarize(r, shape) for r in records]
 
 
 # ----------------------------------------------------------------------------- metric terms
@@ -301,8 +269,9 @@ def _ratio_term(value: float) -> tuple[float, float]:
     return (value, 1.0) if math.isfinite(value) else (0.0, 0.0)
 
 
-def doc_terms(s: DocSummary, cfg: MetricsConfig) -> dict[str, tuple[float, float]]:
-    """Per-document (numerator, denominator) of every metric; den 0 = does not contribute."""
+def doc_terms(s: DocSummary, cfg: Any) -> dict[str, tuple[float, float]]:
+    """Per-document (numerator, denominator) of every metric; den 0 = does not contribute.
+    ``cfg``: the task's config (:class:`ttt_bench.config.StreamTaskConfig`)."""
     c = s.curves["all"]
     terms: dict[str, tuple[float, float]] = {}
     terms["mean_nll"] = (float(s.cb_sum.sum()), float(s.cb_count.sum()))
@@ -326,17 +295,17 @@ def doc_terms(s: DocSummary, cfg: MetricsConfig) -> dict[str, tuple[float, float
         g = s.curves[group]
         gok = np.isfinite(g)
         terms[f"nll_{group}"] = (float(g[gok].sum()), float(gok.sum()))
-    for k in range(cfg.n_codebooks):
+    for k in range(s.cb_sum.size):
         terms[f"nll_cb{k}"] = (float(s.cb_sum[k]), float(s.cb_count[k]))
     return terms
 
 
-def term_arrays(summaries: Sequence[DocSummary], cfg: MetricsConfig
+def term_arrays(summaries: Sequence[DocSummary], cfg: Any, shape: ModelShape = ModelShape()
                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """metric -> (num [n_docs], den [n_docs])."""
     per_doc = [doc_terms(s, cfg) for s in summaries]
     out = {}
-    for name in metric_names(cfg):
+    for name in metric_names(cfg, shape.n_codebooks):
         num = np.array([t[name][0] for t in per_doc], dtype=np.float64)
         den = np.array([t[name][1] for t in per_doc], dtype=np.float64)
         out[name] = (num, den)
@@ -346,9 +315,9 @@ def term_arrays(summaries: Sequence[DocSummary], cfg: MetricsConfig
 # ----------------------------------------------------------------------------- bootstrap
 
 
-def _uniforms(n_docs: int, cfg: MetricsConfig) -> np.ndarray:
+def _uniforms(n_docs: int, iters: int) -> np.ndarray:
     """[iters, n_docs] uniforms from the fixed seed; column j drives the j-th resampled doc."""
-    return np.random.default_rng(cfg.seed).random((cfg.bootstrap_iters, n_docs))
+    return np.random.default_rng(BOOTSTRAP_SEED).random((iters, n_docs))
 
 
 def _resample_idx(contrib: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -365,23 +334,24 @@ def _interval(reps: np.ndarray, level: float) -> tuple[list[float] | None, float
     return [float(lo), float(hi)], float(reps.std(ddof=1))
 
 
-def bootstrap_ratio(num: np.ndarray, den: np.ndarray, cfg: MetricsConfig,
+def bootstrap_ratio(num: np.ndarray, den: np.ndarray, iters: int,
                     u: np.ndarray | None = None) -> dict[str, Any]:
-    """Value, interval, stderr and n of ``sum(num)/sum(den)`` over documents with den > 0."""
+    """Value, interval, stderr and n of ``sum(num)/sum(den)`` over documents with den > 0;
+    ``iters`` bootstrap draws (the task's ``bootstrap_iters``)."""
     contrib = np.flatnonzero(den > 0)
     value = float(num[contrib].sum() / den[contrib].sum()) if contrib.size else None
     out = {"value": value, "ci": None, "stderr": None, "n": int(contrib.size)}
-    if contrib.size < 2 or cfg.bootstrap_iters < 2:
+    if contrib.size < 2 or iters < 2:
         return out
-    u = _uniforms(num.size, cfg) if u is None else u
+    u = _uniforms(num.size, iters) if u is None else u
     idx = _resample_idx(contrib, u)
     reps = num[idx].sum(axis=1) / den[idx].sum(axis=1)
-    out["ci"], out["stderr"] = _interval(reps, cfg.ci_level)
+    out["ci"], out["stderr"] = _interval(reps, CI_LEVEL)
     return out
 
 
 def bootstrap_delta(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray,
-                    den_b: np.ndarray, cfg: MetricsConfig, paired: bool = True,
+                    den_b: np.ndarray, iters: int, paired: bool = True,
                     u: np.ndarray | None = None) -> dict[str, Any]:
     """``ratio(a) - ratio(b)`` over documents contributing to both (arrays aligned by doc).
 
@@ -394,18 +364,18 @@ def bootstrap_delta(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray,
         return out
     out["value"] = float(num_a[contrib].sum() / den_a[contrib].sum()
                          - num_b[contrib].sum() / den_b[contrib].sum())
-    if contrib.size < 2 or cfg.bootstrap_iters < 2:
+    if contrib.size < 2 or iters < 2:
         return out
-    u = _uniforms(num_a.size, cfg) if u is None else u
+    u = _uniforms(num_a.size, iters) if u is None else u
     ia = _resample_idx(contrib, u)
     if paired:
         ib = ia
     else:
-        u2 = np.random.default_rng(cfg.seed + 1).random(u.shape)
+        u2 = np.random.default_rng(BOOTSTRAP_SEED + 1).random(u.shape)
         ib = _resample_idx(contrib, u2)
     reps = (num_a[ia].sum(axis=1) / den_a[ia].sum(axis=1)
             - num_b[ib].sum(axis=1) / den_b[ib].sum(axis=1))
-    out["ci"], out["stderr"] = _interval(reps, cfg.ci_level)
+    out["ci"], out["stderr"] = _interval(reps, CI_LEVEL)
     return out
 
 
@@ -444,32 +414,31 @@ def _nonfinite_flags(summaries: Sequence[DocSummary]) -> list[dict[str, str]]:
     return flags
 
 
-def _degenerate_flags(summaries: Sequence[DocSummary], cfg: MetricsConfig
-                      ) -> list[dict[str, str]]:
+def _degenerate_flags(summaries: Sequence[DocSummary], shape: ModelShape) -> list[dict[str, str]]:
     n, mean, std = _pooled_values(summaries)
     if not n:
         return []
     flags = []
     near = np.sum([s.near_ln for s in summaries], axis=0)
-    for k in range(1, cfg.degenerate_max_n + 1):
+    for k in range(1, DEGENERATE_MAX_N + 1):
         ln_k = math.log(k)
-        close_mean = abs(mean - ln_k) <= cfg.degenerate_tol and std <= cfg.degenerate_spread
+        close_mean = abs(mean - ln_k) <= DEGENERATE_TOL and std <= DEGENERATE_SPREAD
         share = near[k] / n
-        if close_mean or share >= cfg.degenerate_fraction:
+        if close_mean or share >= DEGENERATE_FRACTION:
             flags.append(_flag("degenerate", (
                 f"NLL clustered at ln({k}) = {ln_k:.4f} (mean {mean:.4f}, std {std:.4f}, "
-                f"{100 * share:.0f}% of values within {cfg.degenerate_tol:g}): the loss of a "
+                f"{100 * share:.0f}% of values within {DEGENERATE_TOL:g}): the loss of a "
                 f"uniform guess over {k} classes, not a measurement of the model")))
-    ln_card = math.log(cfg.card)
-    if mean >= ln_card - cfg.card_tol:
-        what = "worse than" if mean > ln_card + cfg.card_tol else "close to"
+    ln_card = math.log(shape.card)
+    if mean >= ln_card - CARD_TOL:
+        what = "worse than" if mean > ln_card + CARD_TOL else "close to"
         flags.append(_flag("near_uniform", (
-            f"mean NLL {mean:.4f} is {what} ln(card) = ln({cfg.card}) = {ln_card:.4f}: the "
+            f"mean NLL {mean:.4f} is {what} ln(card) = ln({shape.card}) = {ln_card:.4f}: the "
             "model predicts no better than a uniform guess over the codebook")))
     return flags
 
 
-def _flat_flags(summaries: Sequence[DocSummary], cfg: MetricsConfig) -> list[dict[str, str]]:
+def _flat_flags(summaries: Sequence[DocSummary]) -> list[dict[str, str]]:
     n, mean, std = _pooled_values(summaries)
     curve = mean_curves_from_summaries(summaries)["all"]["mean"]
     curve = curve[np.isfinite(curve)]
@@ -479,17 +448,18 @@ def _flat_flags(summaries: Sequence[DocSummary], cfg: MetricsConfig) -> list[dic
     return []
 
 
-def flags_from_summaries(summaries: Sequence[DocSummary], cfg: MetricsConfig
+def flags_from_summaries(summaries: Sequence[DocSummary], shape: ModelShape = ModelShape()
                          ) -> list[dict[str, str]]:
+    """Sanity flags of one model's documents; ``shape``: that model's (ln(card) is its uniform guess)."""
     if not summaries:
         return [_flag("no_documents", "no documents were scored")]
-    return (_nonfinite_flags(summaries) + _degenerate_flags(summaries, cfg)
-            + _flat_flags(summaries, cfg))
+    return (_nonfinite_flags(summaries) + _degenerate_flags(summaries, shape)
+            + _flat_flags(summaries))
 
 
-def sanity_flags(records: Sequence[DocRecord], cfg: MetricsConfig) -> list[dict[str, str]]:
-    """``verify_loss_computation``: non-finite values, ln(n) / ln(card) signatures, flat curve."""
-    return flags_from_summaries(summarize_all(records, cfg), cfg)
+def sanity_flags(records: Sequence[DocRecord], shape: ModelShape = ModelShape()) -> list[dict[str, str]]:
+    """Non-finite values, ln(n) / ln(card) signatures, flat curve."""
+    return flags_from_summaries(summarize_all(records, shape), shape)
 
 
 class SanityError(RuntimeError):
@@ -526,12 +496,12 @@ def mean_curves_from_summaries(summaries: Sequence[DocSummary]
     return out
 
 
-def mean_curves(records: Sequence[DocRecord], cfg: MetricsConfig
+def mean_curves(records: Sequence[DocRecord], shape: ModelShape = ModelShape()
                 ) -> dict[str, dict[str, np.ndarray]]:
     """Per group ("all", "semantic", "acoustic"): ``{"mean": float [T_max], "count": int
     [T_max]}``; the mean over documents (equal weight) of each document's curve at each
     position, and how many documents have a value there (NaN mean where none does)."""
-    return mean_curves_from_summaries(summarize_all(records, cfg))
+    return mean_curves_from_summaries(summarize_all(records, shape))
 
 
 def evaluate_targets(values: dict[str, float | None], targets: dict[str, str]
@@ -545,14 +515,14 @@ def evaluate_targets(values: dict[str, float | None], targets: dict[str, str]
     return out
 
 
-def metrics_from_summaries(summaries: Sequence[DocSummary], cfg: MetricsConfig
+def metrics_from_summaries(summaries: Sequence[DocSummary], cfg: Any, shape: ModelShape = ModelShape()
                            ) -> dict[str, Any]:
-    terms = term_arrays(summaries, cfg)
-    u = _uniforms(len(summaries), cfg) if cfg.bootstrap_iters >= 2 else None
+    terms = term_arrays(summaries, cfg, shape)
+    u = _uniforms(len(summaries), cfg.bootstrap_iters) if cfg.bootstrap_iters >= 2 else None
     out: dict[str, Any] = {}
     ci, se, n = {}, {}, {}
     for name, (num, den) in terms.items():
-        b = bootstrap_ratio(num, den, cfg, u)
+        b = bootstrap_ratio(num, den, cfg.bootstrap_iters, u)
         out[name], ci[name], se[name], n[name] = b["value"], b["ci"], b["stderr"], b["n"]
     seconds = float(sum(s.seconds for s in summaries))
     n_frames = int(sum(s.n_frames for s in summaries))
@@ -562,29 +532,31 @@ def metrics_from_summaries(summaries: Sequence[DocSummary], cfg: MetricsConfig
         "n_nonfinite": int(sum(s.n_nonfinite for s in summaries)),
         "n_no_prediction": int(sum(s.n_no_prediction for s in summaries)),
         "seconds": seconds, "frames_per_second": n_frames / seconds if seconds > 0 else None,
-        "ci_level": cfg.ci_level, "bootstrap_iters": cfg.bootstrap_iters,
-        "flags": flags_from_summaries(summaries, cfg),
+        "ci_level": CI_LEVEL, "bootstrap_iters": cfg.bootstrap_iters,
+        "flags": flags_from_summaries(summaries, shape),
     })
     out["targets"] = evaluate_targets(out, cfg.targets)
     return out
 
 
-def compute_model_metrics(records: Sequence[DocRecord], cfg: MetricsConfig) -> dict[str, Any]:
-    """All metrics of one model on one task (schema in the module docstring)."""
-    return metrics_from_summaries(summarize_all(records, cfg), cfg)
+def compute_model_metrics(records: Sequence[DocRecord], cfg: Any, shape: ModelShape = ModelShape()
+                          ) -> dict[str, Any]:
+    """All metrics of one model (of ``shape``) on one task configured by ``cfg`` (schema in the
+    module docstring)."""
+    return metrics_from_summaries(summarize_all(records, shape), cfg, shape)
 
 
 def deltas_from_summaries(model: Sequence[DocSummary], base: Sequence[DocSummary],
-                          cfg: MetricsConfig) -> dict[str, Any]:
+                          cfg: Any, shape: ModelShape = ModelShape()) -> dict[str, Any]:
     by_id = {s.doc_id: s for s in base}
     common = [s.doc_id for s in model if s.doc_id in by_id]
     mine = {s.doc_id: s for s in model}
-    ta = term_arrays([mine[d] for d in common], cfg)
-    tb = term_arrays([by_id[d] for d in common], cfg)
-    u = _uniforms(len(common), cfg) if cfg.bootstrap_iters >= 2 else None
+    ta = term_arrays([mine[d] for d in common], cfg, shape)
+    tb = term_arrays([by_id[d] for d in common], cfg, shape)
+    u = _uniforms(len(common), cfg.bootstrap_iters) if cfg.bootstrap_iters >= 2 else None
     out: dict[str, Any] = {"n_docs": len(common),
                            "n_unpaired": len(mine) + len(by_id) - 2 * len(common)}
-    res = {name: bootstrap_delta(*ta[name], *tb[name], cfg, paired=True, u=u) for name in ta}
+    res = {name: bootstrap_delta(*ta[name], *tb[name], cfg.bootstrap_iters, paired=True, u=u) for name in ta}
     out["delta"] = {k: r["value"] for k, r in res.items()}
     out["ci"] = {k: r["ci"] for k, r in res.items()}
     out["stderr"] = {k: r["stderr"] for k, r in res.items()}
@@ -596,13 +568,13 @@ def deltas_from_summaries(model: Sequence[DocSummary], base: Sequence[DocSummary
 
 def compare_to_baseline(records_model: Sequence[DocRecord],
                         records_baseline: Sequence[DocRecord],
-                        cfg: MetricsConfig) -> dict[str, Any]:
+                        cfg: Any, shape: ModelShape = ModelShape()) -> dict[str, Any]:
     """Paired bootstrap of ``model - baseline`` for every metric on the shared doc ids."""
-    return deltas_from_summaries(summarize_all(records_model, cfg),
-                                 summarize_all(records_baseline, cfg), cfg)
+    return deltas_from_summaries(summarize_all(records_model, shape),
+                                 summarize_all(records_baseline, shape), cfg, shape)
 
 
-def per_document_metrics(s: DocSummary, cfg: MetricsConfig) -> dict[str, float | None]:
+def per_document_metrics(s: DocSummary, cfg: Any) -> dict[str, float | None]:
     """That document's own value of every metric (None where it does not contribute)."""
     out = {}
     for name, (num, den) in doc_terms(s, cfg).items():
@@ -614,10 +586,16 @@ def per_document_metrics(s: DocSummary, cfg: MetricsConfig) -> dict[str, float |
 # ----------------------------------------------------------------------------- task metrics
 
 
+def _matches(pattern: str, name: str) -> bool:
+    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+
+
 class TaskMetrics(ABC):
     """How one task turns the documents each model scored into results. A task class builds one
-    (``Task.metrics``) and so owns its metrics: what goes into ``results[task][model]``, the
-    deltas to the baseline, the leaderboard columns, the curves and the per-document lines.
+    (``Task.metrics``) from its config and the shape of the model that scores (card, delays), and
+    so owns its metrics: what goes into ``results[task][model]``, the deltas to the baseline, the
+    leaderboard columns, the direction of each metric, the curves, the per-document lines and
+    its figure.
 
     ``summarize`` is the one pass over a model's records; every other method takes its output.
     """
@@ -629,6 +607,10 @@ class TaskMetrics(ABC):
     columns: ClassVar[tuple[str, ...]] = ()        # leaderboard columns; "name*" = every "name..."
     delta_columns: ClassVar[tuple[str, ...]] = ()  # metrics shown as Δ vs the baseline
     loss_curves: ClassVar[bool] = False  # its documents go into the loss-vs-position plot
+    # metric (or "name*" pattern) -> True: higher is better, False: lower is better. Every metric
+    # with an estimate and an interval has one; counts and speeds have none.
+    higher_is_better: ClassVar[dict[str, bool]] = {}
+    shape: ModelShape = ModelShape()  # the model whose records are summarised (for_model)
 
     @abstractmethod
     def to_dict(self) -> dict[str, Any]:
@@ -646,15 +628,39 @@ class TaskMetrics(ABC):
     def deltas(self, summary: Any, base: Any) -> dict[str, Any]:
         """``model - baseline`` on what both scored, paired: ``delta``, ``ci``, ``significant``..."""
 
+    def for_model(self, shape: ModelShape) -> "TaskMetrics":
+        """These metrics for a model of ``shape`` (its own card and delays): a copy, so every model
+        of a run is summarised and flagged against its own shape."""
+        if shape == self.shape:
+            return self
+        other = copy.copy(self)
+        other.shape = shape
+        return other
+
+    def direction(self, metric: str) -> bool | None:
+        """True: higher is better; False: lower is better; None: no direction (a count)."""
+        return next((v for k, v in self.higher_is_better.items() if _matches(k, metric)), None)
+
+    def config_key(self, metric: str) -> str | None:
+        """The task config key(s) that decide which documents reach ``metric`` (named when no
+        document reached it)."""
+        return None
+
     def curve_arrays(self, key: str, summary: Any) -> dict[str, np.ndarray]:
         return {}
 
-    def model_flags(self, metrics: dict[str, Any], model_info: dict[str, Any]) -> list[dict[str, str]]:
-        """Sanity flags that depend on what the model is (``results.json``'s ``models[name]``)."""
+    def model_flags(self, metrics: dict[str, Any], model_info: Any) -> list[dict[str, str]]:
+        """Sanity flags that depend on what the model is (``model_info``: its
+        :class:`ttt_bench.reporting.run_record.ModelRecord`, ``models[name]`` in results.json)."""
         return []
 
     def sample_lines(self, summary: Any) -> Iterable[dict[str, Any]]:
         return ()
+
+    def plot(self, path: Any, task: str, summaries: dict[str, Any], labels: dict[str, str]) -> bool:
+        """The task's own figure at ``path`` (``<task>.png``), from every model's summary; returns
+        whether it drew one. Default: none (long-stream tasks share ``loss_vs_position.png``)."""
+        return False
 
     def leaderboard_spec(self) -> dict[str, Any]:
         """What the leaderboard shows (stored in results.json, so merged runs render alike)."""
@@ -663,27 +669,46 @@ class TaskMetrics(ABC):
 
 
 class StreamMetrics(TaskMetrics):
-    """The long-stream metrics of this module (loss per position), for :class:`MetricsConfig`."""
+    """The long-stream metrics of this module (loss per position), configured by the task's
+    :class:`ttt_bench.config.StreamTaskConfig` (``positions``, ``window``, ``early_late_frames``,
+    ``slope_range``, ``segments``, ``bootstrap_iters``, ``targets``)."""
 
     columns = ("mean_nll", "nll@*", "early_nll", "late_nll", "improvement", "slope")
     delta_columns = ("mean_nll", "late_nll", "improvement", "slope")
     note = "(n=k): only k documents reach that position; slopes in nats per frame"
     loss_curves = True
+    higher_is_better = {"improvement": True, "mean_nll": False, "nll@*": False, "early_nll": False,
+                        "late_nll": False, "slope*": False, "nll_*": False}
+    _config_keys = {"nll@*": "positions (or window)", "early_nll": "early_late_frames",
+                    "late_nll": "early_late_frames", "improvement": "early_late_frames",
+                    "slope_*": "segments", "slope": "slope_range"}
 
-    def __init__(self, config: MetricsConfig):
+    def __init__(self, config: Any, shape: ModelShape = ModelShape()):
         self.config = config
+        self.shape = shape
 
     def to_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
+        c = self.config
+        return {"positions": list(c.positions), "window": c.window, "early_late_frames": c.early_late_frames,
+                "slope_range": None if c.slope_range is None else list(c.slope_range),
+                "segments": [list(s) for s in c.segments], "bootstrap_iters": c.bootstrap_iters,
+                "seed": BOOTSTRAP_SEED, "ci_level": CI_LEVEL, "card": self.shape.card,
+                "delays": list(self.shape.delays), "targets": dict(c.targets), "frame_rate": FRAME_RATE,
+                "degenerate_tol": DEGENERATE_TOL, "degenerate_max_n": DEGENERATE_MAX_N,
+                "degenerate_spread": DEGENERATE_SPREAD, "degenerate_fraction": DEGENERATE_FRACTION,
+                "card_tol": CARD_TOL}
+
+    def config_key(self, metric: str) -> str | None:
+        return next((v for k, v in self._config_keys.items() if _matches(k, metric)), None)
 
     def summarize(self, records: Sequence[DocRecord]) -> list[DocSummary]:
-        return summarize_all(records, self.config)
+        return summarize_all(records, self.shape)
 
     def model_metrics(self, summary: list[DocSummary]) -> dict[str, Any]:
-        return metrics_from_summaries(summary, self.config)
+        return metrics_from_summaries(summary, self.config, self.shape)
 
     def deltas(self, summary: list[DocSummary], base: list[DocSummary]) -> dict[str, Any]:
-        return deltas_from_summaries(summary, base, self.config)
+        return deltas_from_summaries(summary, base, self.config, self.shape)
 
     def curve_arrays(self, key: str, summary: list[DocSummary]) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {}
@@ -702,8 +727,3 @@ class StreamMetrics(TaskMetrics):
                    "duration_s": d.meta.get("duration_s"), "n_frames": d.n_frames,
                    "seconds": d.seconds, "metrics": per_document_metrics(d, self.config),
                    "meta": d.meta}
-
-
-def as_task_metrics(metrics: TaskMetrics | MetricsConfig) -> TaskMetrics:
-    """A :class:`MetricsConfig` stands for the long-stream metrics it configures."""
-    return StreamMetrics(metrics) if isinstance(metrics, MetricsConfig) else metrics

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from moshi.models.compression import MimiModel
 
-from ttt_bench.models.loading.moshi import FRAME_SIZE, NUM_AUDIO_CODEBOOKS, SAMPLE_RATE, ModelSource, load_mimi, module_hash
+from ttt_bench.constants import FRAME_SIZE, N_CODEBOOKS as NUM_AUDIO_CODEBOOKS, SAMPLE_RATE
+from ttt_bench.models.loading.moshi import ModelSource, load_mimi, module_hash
 from ttt_bench.models.streaming import widen_kv_caches
 from ttt_bench.audio.cache import CacheEntry, CodeCache, cache_clear, cache_info  # noqa: F401  (re-exported for the CLI)
 from ttt_bench.audio.decode import DecodeError

@@ -17,7 +17,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from ttt_bench.models.loading.moshi import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from ttt_bench.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 
 AudioInput = Union[bytes, str, Path]
 BLOCK_SECONDS = 10.0  # size of the blocks read from the file (at its own sample rate)

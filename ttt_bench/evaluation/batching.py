@@ -22,7 +22,8 @@ import torch
 from ttt_bench.metrics import DocRecord
 from ttt_bench.models.base import StreamLayout
 from ttt_bench.evaluation.records import DocFailure
-from ttt_bench.tasks.base import Document, audio_delays
+from ttt_bench.models.streaming import audio_delays
+from ttt_bench.tasks.base import Document
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ from ttt_bench.models.base import StreamLayout
 from ttt_bench.evaluation import series as series_resume
 from ttt_bench.evaluation.records import DocFailure, LogEntry, RecordStore, config_hash
 from ttt_bench.options import RunOptions
-from ttt_bench.tasks.base import Document
+from ttt_bench.reporting.run_record import ModelRecord, RunRecord
+from ttt_bench.tasks.base import Document, shape_of
 from ttt_bench.version import __version__
 from ttt_bench.evaluation.verify import CausalityError, VerificationError, verify_causality, verify_scorer
 
@@ -381,35 +382,33 @@ def write_results(out: Path, spec: RunOptions, plans: list[TaskPlan], store: Rec
         logger.warning("%d document(s) failed; see \"failed\" in results.json", n_failed)
     kept = {t: {m: recs for m, recs in models.items() if recs} for t, models in records.items()}
     kept = {t: models for t, models in kept.items() if models}
-    model_info = {name: {"label": s.info.label, "legacy": bool(s.is_legacy), "lookahead": bool(s.lookahead),
-                         "attention_only": bool(s.attention_only), "options": s.info.options,
-                         **({"step": s.step, "series": s.series} if getattr(s, "step", None) is not None else {})}
-                  for plan in plans for name, s in plan.scorers.items()}
-    run = {
-        "config": {**spec.recorded(), "output_path": str(out)},
-        "command": spec.command,
-        "environment": environment(),
-        "git_hash": git_hash(),
-        "complete": complete,
-        "config_hash": store.config_hash,
-        "num_processes": dist.world_size,
-        "skipped": {plan.name: plan.skipped for plan in plans},
-        "failed": failures,
-        "models": model_info,
-        "tasks": {plan.name: plan.info for plan in plans},
-        "verification": verifications.get("verification", {}),
-        "causality": verifications.get("causality", {}),
-        "baseline": spec.baseline or ("frozen" if "frozen" in spec.model and not any(  # not a training run's name
+    models = {name: ModelRecord(label=s.info.label, legacy=bool(s.is_legacy), lookahead=bool(s.lookahead),
+                                attention_only=bool(s.attention_only), options=s.info.options, shape=shape_of(s.lm),
+                                step=getattr(s, "step", None), series=getattr(s, "series", None))
+              for plan in plans for name, s in plan.scorers.items()}
+    run = RunRecord(
+        config={**spec.recorded(), "output_path": str(out)},
+        command=spec.command,
+        environment=environment(),
+        git_hash=git_hash(),
+        complete=complete,
+        config_hash=store.config_hash,
+        num_processes=dist.world_size,
+        skipped={plan.name: plan.skipped for plan in plans},
+        failed=failures,
+        models=models,
+        tasks={plan.name: plan.info for plan in plans},
+        verification=verifications.get("verification", {}),
+        causality=verifications.get("causality", {}),
+        baseline=spec.baseline or ("frozen" if "frozen" in spec.model and not any(  # not a training run's name
             getattr(s, "series", None) == "frozen" for plan in plans for s in plan.scorers.values()) else None),
-        "group_subtasks": {name: list(g.task) for name, g in (groups or {}).items()},
-        "group_metrics": {name: g.metrics for name, g in (groups or {}).items()},
-        "versions": {plan.name: plan.config.version for plan in plans},
-        "ttt_bench_version": __version__,
-    }
-    if skipped_checkpoints:
-        run["skipped_checkpoints"] = skipped_checkpoints
-    if not complete:
-        run["resume_command"] = resume_command(spec, dist)
+        group_subtasks={name: list(g.task) for name, g in (groups or {}).items()},
+        group_metrics={name: g.metrics for name, g in (groups or {}).items()},
+        versions={plan.name: plan.config.version for plan in plans},
+        ttt_bench_version=__version__,
+        resume_command=None if complete else resume_command(spec, dist),
+        skipped_checkpoints=list(skipped_checkpoints or []),
+    )
     write_outputs(out, run, kept, {plan.name: plan.metrics for plan in plans if plan.name in kept})
     from ttt_bench.reporting.series import add_series
 

@@ -109,13 +109,23 @@ def nll_of_logits(logits: torch.Tensor, targets: torch.Tensor, card: int) -> tor
     return torch.where(valid, nll, torch.full_like(nll, float("nan")))
 
 
+def audio_streams(lm: LMModel) -> slice:
+    """Where Moshi's own audio codebooks (the ones scored) sit among the model's streams."""
+    return slice(lm.audio_offset, lm.audio_offset + lm.dep_q)
+
+
+def audio_delays(lm: LMModel) -> list[int]:
+    """The delays of Moshi's own audio codebooks, in frames."""
+    return list(lm.delays[audio_streams(lm)])
+
+
 def chunk_nll(lm: LMModel, delayed: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Pattern-space NLL [B, dep_q, end - start] of transformer steps start..end-1, with the
     streaming state built from steps before ``start`` (and advanced through ``end``)."""
     transformer_out, _ = lm.forward_text(delayed[:, :, start:end])
     targets = delayed[:, :, start + 1:end + 1]
     logits = lm.forward_depformer_training(targets, transformer_out)
-    audio_targets = targets[:, lm.audio_offset:lm.audio_offset + lm.dep_q]
+    audio_targets = targets[:, audio_streams(lm)]
     return nll_of_logits(logits, audio_targets, lm.card)
 
 
@@ -123,7 +133,7 @@ def undelay(lm: LMModel, pattern_nll: torch.Tensor) -> torch.Tensor:
     """Map pattern-space NLL [B, dep_q, T] back to frames: frame t of codebook k was predicted
     at step t + delay[k]; frames whose prediction would fall past the end are NaN."""
     B, K, T = pattern_nll.shape
-    delays = lm.delays[lm.audio_offset:lm.audio_offset + K]
+    delays = audio_delays(lm)[:K]
     out = torch.full_like(pattern_nll, float("nan"))
     for k, delay in enumerate(delays):
         out[:, k, :T - delay] = pattern_nll[:, k, delay:]
@@ -134,6 +144,6 @@ def forward_nll(lm: LMModel, audio: torch.Tensor, layout: StreamLayout) -> torch
     """NLL [B, 8, T] from one plain, non-streaming ``LMModel.forward`` (the reference)."""
     codes = stream_codes(lm, audio, layout)
     out = lm.forward(codes)
-    targets = codes[:, lm.audio_offset:lm.audio_offset + lm.dep_q]
+    targets = codes[:, audio_streams(lm)]
     nll = nll_of_logits(out.logits, targets, lm.card)
     return torch.where(out.mask, nll, torch.full_like(nll, float("nan")))

@@ -22,7 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ttt_bench.metrics import GROUPS, DocSummary, MetricsConfig  # noqa: E402
+from ttt_bench.constants import FRAME_RATE  # noqa: E402
+from ttt_bench.metrics import BOOTSTRAP_SEED, CI_LEVEL, GROUPS, DocSummary  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def _doc_means(s: np.ndarray, c: np.ndarray) -> np.ndarray:
         return np.where(c > 0, s / np.maximum(c, 1e-300), np.nan)
 
 
-def band(curves: Sequence[np.ndarray], cfg: MetricsConfig, max_points: int = 500,
+def band(curves: Sequence[np.ndarray], max_points: int = 500,
          smooth_bins: int = 5, iters: int = 200) -> Band | None:
     """Mean over documents (equal weight) of binned, smoothed curves, with a bootstrap band."""
     t_max = max((c.size for c in curves), default=0)
@@ -85,13 +86,13 @@ def band(curves: Sequence[np.ndarray], cfg: MetricsConfig, max_points: int = 500
     low = high = np.full(n_bins, np.nan)
     n = len(curves)
     if n >= 2 and iters >= 2:
-        rng = np.random.default_rng(cfg.seed)
+        rng = np.random.default_rng(BOOTSTRAP_SEED)
         idx = rng.integers(0, n, size=(iters, n))
         w = np.bincount((idx + n * np.arange(iters)[:, None]).ravel(),
                         minlength=iters * n).reshape(iters, n).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             reps = (w @ vals) / (w @ have)
-        alpha = (1 - cfg.ci_level) / 2
+        alpha = (1 - CI_LEVEL) / 2
         with warnings.catch_warnings():  # bins no resampled document reaches: NaN, no band
             warnings.simplefilter("ignore", RuntimeWarning)
             low, high = np.nanquantile(reps, [alpha, 1 - alpha], axis=0)
@@ -126,8 +127,7 @@ def _delta_curves(model: Sequence[DocSummary], base: Sequence[DocSummary], group
 
 
 def plot_loss_vs_position(stem: Path, summaries: dict[str, dict[str, list[DocSummary]]],
-                          baselines: dict[str, str | None], labels: dict[str, str],
-                          cfg_by_task: dict[str, MetricsConfig]) -> list[Path]:
+                          baselines: dict[str, str | None], labels: dict[str, str]) -> list[Path]:
     """Write ``stem.png`` and ``stem.svg``; two rows per task (NLL, delta to the baseline),
     one column per codebook group. Returns the written paths."""
     tasks = list(summaries)
@@ -135,7 +135,6 @@ def plot_loss_vs_position(stem: Path, summaries: dict[str, dict[str, list[DocSum
                              figsize=(5 * len(GROUPS), 3.6 * 2 * max(len(tasks), 1)))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ti, task in enumerate(tasks):
-        cfg = cfg_by_task[task]
         base = baselines.get(task)
         models = summaries[task]
         for gi, group in enumerate(GROUPS):
@@ -143,10 +142,9 @@ def plot_loss_vs_position(stem: Path, summaries: dict[str, dict[str, list[DocSum
             for mi, (model, docs) in enumerate(models.items()):
                 color = colors[mi % len(colors)]
                 label = labels.get(model, model)
-                _draw(ax, band([d.curves[group] for d in docs], cfg), label, color)
+                _draw(ax, band([d.curves[group] for d in docs]), label, color)
                 if base is not None and model != base and base in models:
-                    _draw(dax, band(_delta_curves(docs, models[base], group), cfg), label,
-                          color)
+                    _draw(dax, band(_delta_curves(docs, models[base], group)), label, color)
             ax.set_title(f"{task}: {group}")
             ax.set_ylabel("NLL (nats)")
             dax.axhline(0.0, color="grey", lw=0.8)
@@ -155,7 +153,7 @@ def plot_loss_vs_position(stem: Path, summaries: dict[str, dict[str, list[DocSum
             dax.set_ylabel("NLL - baseline (nats)")
             for a in (ax, dax):
                 a.set_xlabel("position (frames)")
-                _minutes_axis(a, cfg.frame_rate)
+                _minutes_axis(a, FRAME_RATE)
                 if a.get_legend_handles_labels()[0]:
                     a.legend(fontsize=8)
     fig.tight_layout()

@@ -1,15 +1,19 @@
 """Outputs of a run: results.json, curves.npz, samples.jsonl, leaderboard.md and the
 loss-versus-position plots; and ``ttt-bench leaderboard DIR...`` (merging runs).
 
-results.json = the run dict handed in (config, environment, git_hash, command, complete,
-skipped, models, tasks, baseline) plus::
+results.json = the run's record handed in (``ttt_bench.reporting.run_record.RunRecord``: config,
+environment, git_hash, command, complete, skipped, models, tasks, baseline, ...) plus::
 
     "schema_version": 1,
     "metrics_config": {task: the task metrics' settings (TaskMetrics.to_dict), with
                        "leaderboard": the columns, unit and note of its table},
     "baselines": {task: the model every other model is compared to, or null},
-    "results": {task: {model: metrics}}   # schema in ttt_bench.metrics; non-baseline models
+    "results": {task: {model: metrics}},  # schema in ttt_bench.metrics; non-baseline models
                                           # carry "delta_vs_baseline"
+    "higher_is_better": {task: {metric: true | false}},  # every metric with an estimate and an
+                                          # interval; counts and speeds have no direction
+    "warnings": {task: [{"code": "unreached", "metrics": [...], "config_keys": [...],
+                         "message": str}]}  # metrics no document reached, for any model
 
 Each task's metrics come from its task class (``ttt_bench.metrics.TaskMetrics``); the long-stream
 ones (:class:`ttt_bench.metrics.StreamMetrics`) also give curves and plots.
@@ -40,15 +44,18 @@ from typing import Any, Iterable
 import numpy as np
 from tabulate import tabulate
 
-from ttt_bench.metrics import DocRecord, MetricsConfig, StreamMetrics, TaskMetrics, as_task_metrics
+from ttt_bench.config import StreamTaskConfig
+from ttt_bench.constants import FRAME_RATE
+from ttt_bench.metrics import DocRecord, ModelShape, StreamMetrics, TaskMetrics
 from ttt_bench.models.legacy import legacy_name
+from ttt_bench.reporting.run_record import ModelRecord, RunRecord
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DEFAULT_BASELINE = "frozen"
 # a results.json written before metrics_config[task] said its columns: the long-stream ones
-DEFAULT_LEADERBOARD = StreamMetrics(MetricsConfig()).leaderboard_spec()
+DEFAULT_LEADERBOARD = StreamMetrics(StreamTaskConfig(task="default")).leaderboard_spec()
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -104,42 +111,85 @@ def resolve_baseline(requested: str | None, models: Iterable[str], strict: bool 
     return DEFAULT_BASELINE if DEFAULT_BASELINE in models else None
 
 
-def build_results(run: dict, summaries: dict[str, dict[str, Any]],
-                  metrics_by_task: dict[str, TaskMetrics | MetricsConfig]) -> dict[str, Any]:
+def for_model(metrics: TaskMetrics, run: RunRecord, model: str) -> TaskMetrics:
+    """The task's metrics for ``model``, with that model's own shape (card, delays) where the run
+    recorded it: every model is summarised and flagged against its own card and delays, not against
+    those of the model the task's metrics were built with."""
+    shape = run.shape_of(model)
+    return metrics if shape is None else metrics.for_model(shape)
+
+
+def build_results(run: RunRecord, summaries: dict[str, dict[str, Any]],
+                  metrics_by_task: dict[str, TaskMetrics]) -> dict[str, Any]:
     """The results.json dict (not yet sanitised). ``summaries[task][model]`` is what that
     task's metrics made of the model's records (``TaskMetrics.summarize``)."""
     results: dict[str, dict[str, Any]] = {}
     baselines: dict[str, str | None] = {}
     metrics_config: dict[str, dict[str, Any]] = {}
+    directions: dict[str, dict[str, bool]] = {}
+    warnings: dict[str, list[dict[str, Any]]] = {}
     for task, models in summaries.items():
-        metrics = as_task_metrics(metrics_by_task[task])
-        base = resolve_baseline(run.get("baseline"), models, strict=False)
+        metrics = metrics_by_task[task]
+        base = resolve_baseline(run.baseline, models, strict=False)
         baselines[task] = base
         metrics_config[task] = {**metrics.to_dict(), "leaderboard": metrics.leaderboard_spec()}
         results[task] = {}
         for model, summary in models.items():
-            m = metrics.model_metrics(summary)
+            mine = for_model(metrics, run, model)
+            m = mine.model_metrics(summary)
             if base is not None and model != base:
-                m["delta_vs_baseline"] = {"baseline": base, **metrics.deltas(summary, models[base])}
-            flags = metrics.model_flags(m, (run.get("models") or {}).get(model) or {})
+                m["delta_vs_baseline"] = {"baseline": base, **mine.deltas(summary, models[base])}
+            flags = mine.model_flags(m, run.models.get(model) or ModelRecord(label=model))
             if flags:
                 m.setdefault("flags", []).extend(flags)
             results[task][model] = m
-        add_declared_lookahead_flags(results[task], run.get("models") or {})
-        add_lookahead_flags(results[task], (run.get("causality") or {}).get(task) or [])
-    out = dict(run)
+        add_declared_lookahead_flags(results[task], run.models)
+        add_lookahead_flags(results[task], run.causality.get(task) or [])
+        directions[task] = metric_directions(metrics, results[task])
+        warning = unreached_warning(task, metrics, results[task])
+        if warning is not None:
+            logger.warning(warning["message"])
+            warnings[task] = [warning]
+    out = run.to_dict()
     out.update({"schema_version": SCHEMA_VERSION, "metrics_config": metrics_config,
-                "baselines": baselines, "results": results,
-                "groups": group_results(results, baselines, run.get("group_subtasks") or {},
-                                        run.get("group_metrics") or {})})
+                "baselines": baselines, "results": results, "higher_is_better": directions,
+                "warnings": warnings,
+                "groups": group_results(results, baselines, run.group_subtasks, run.group_metrics)})
     return out
 
 
-def add_declared_lookahead_flags(models: dict[str, dict], info: dict[str, dict]) -> None:
+def _estimated(models: dict[str, dict]) -> list[str]:
+    """The metrics the rows estimate (those with a count of contributing documents), in row order."""
+    return list(dict.fromkeys(k for m in models.values() for k in (m.get("n") or {})))
+
+
+def metric_directions(metrics: TaskMetrics, models: dict[str, dict]) -> dict[str, bool]:
+    """``higher_is_better[task]``: the direction of every metric the rows estimate; counts and speeds
+    (``n_docs``, ``n_frames``, ``frames_per_second``, ...) have none and are left out."""
+    found = {name: metrics.direction(name) for name in _estimated(models)}
+    return {name: better for name, better in found.items() if better is not None}
+
+
+def unreached_warning(task: str, metrics: TaskMetrics, models: dict[str, dict]) -> dict[str, Any] | None:
+    """The metrics that no document reached for any model (n = 0 everywhere, while documents were
+    scored), and the config keys that decide it; None when every metric has a value somewhere."""
+    if not any(m.get(metrics.count_key) for m in models.values()):
+        return None  # nothing scored: the rows' flags say so
+    unreached = [name for name in _estimated(models) if not any((m.get("n") or {}).get(name) for m in models.values())]
+    if not unreached:
+        return None
+    keys = list(dict.fromkeys(k for k in map(metrics.config_key, unreached) if k))
+    change = f"change {', '.join(keys)}" if keys else "change its settings"
+    return {"code": "unreached", "metrics": unreached, "config_keys": keys, "message": (
+        f"{task}: no document reached {', '.join(unreached)} for any model (n=0: the documents are too short "
+        f"for these settings); {change} in the task config (or --task_args)")}
+
+
+def add_declared_lookahead_flags(models: dict[str, dict], info: dict[str, ModelRecord]) -> None:
     """A model that looks ahead by construction (the ttt adapter with ``causal=false``): flag its
     row ``lookahead``, whatever the causality check saw."""
     for name, m in models.items():
-        if (info.get(name) or {}).get("lookahead"):
+        if name in info and info[name].lookahead:
             m.setdefault("flags", []).append({"code": "lookahead", "message": (
                 "looks ahead by construction (causal=false): the loss at a frame uses the TTT update of "
                 "its whole mini-batch, later frames included")})
@@ -215,8 +265,8 @@ def _sample_lines(summaries: dict[str, dict[str, Any]], metrics_by_task: dict[st
                                  ensure_ascii=False)
 
 
-def _labels(run: dict) -> dict[str, str]:
-    return {name: row_label(name, info) for name, info in (run.get("models") or {}).items()}
+def _labels(run: RunRecord) -> dict[str, str]:
+    return {name: row_label(name, info.to_dict()) for name, info in run.models.items()}
 
 
 def _log_flags(results: dict[str, dict[str, Any]]) -> None:
@@ -227,23 +277,21 @@ def _log_flags(results: dict[str, dict[str, Any]]) -> None:
                                f["message"])
 
 
-def write_outputs(out_dir: Path, run: dict, records: dict[str, dict[str, list[DocRecord]]],
-                  metrics_by_task: dict[str, TaskMetrics | MetricsConfig]) -> str:
+def write_outputs(out_dir: Path, run: RunRecord, records: dict[str, dict[str, list[DocRecord]]],
+                  metrics_by_task: dict[str, TaskMetrics]) -> str:
     """Write every output file of a run into ``out_dir``; return the leaderboard markdown.
-    ``metrics_by_task[task]`` is the task's :class:`TaskMetrics` (a :class:`MetricsConfig`
-    stands for the long-stream metrics)."""
+    ``metrics_by_task[task]`` is the task's :class:`TaskMetrics` (``Task.metrics``)."""
     from ttt_bench.reporting.plots import plot_loss_vs_position  # matplotlib only when plotting
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_by_task = {task: as_task_metrics(m) for task, m in metrics_by_task.items()}
-    summaries = {task: {model: metrics_by_task[task].summarize(recs) for model, recs in models.items()}
+    summaries = {task: {model: for_model(metrics_by_task[task], run, model).summarize(recs)
+                        for model, recs in models.items()}
                  for task, models in records.items()}
     results_json = to_jsonable(build_results(run, summaries, metrics_by_task))
     (out_dir / "results.json").write_text(dumps(results_json) + "\n")
     curve_tasks = [t for t in summaries if metrics_by_task[t].loss_curves]
-    frame_rate = metrics_by_task[curve_tasks[0]].config.frame_rate if curve_tasks else 12.5
-    np.savez_compressed(out_dir / "curves.npz", **_curve_arrays(summaries, metrics_by_task, frame_rate))
+    np.savez_compressed(out_dir / "curves.npz", **_curve_arrays(summaries, metrics_by_task, FRAME_RATE))
     with open(out_dir / "samples.jsonl", "w") as fh:
         for line in _sample_lines(summaries, metrics_by_task):
             fh.write(line + "\n")
@@ -251,10 +299,9 @@ def write_outputs(out_dir: Path, run: dict, records: dict[str, dict[str, list[Do
     (out_dir / "leaderboard.md").write_text(markdown)
     if curve_tasks:
         plot_loss_vs_position(out_dir / "loss_vs_position", {t: summaries[t] for t in curve_tasks},
-                              results_json["baselines"], _labels(run),
-                              {t: metrics_by_task[t].config for t in curve_tasks})
+                              results_json["baselines"], _labels(run))
     for task, metrics in metrics_by_task.items():
-        if task in summaries and hasattr(metrics, "plot"):  # the task's own figure (recall: gain curve)
+        if task in summaries:  # the task's own figure, if it draws one (recall: the gain curve)
             metrics.plot(out_dir / f"{task}.png", task, summaries[task], _labels(run))
     _log_flags(results_json["results"])
     return markdown
@@ -316,8 +363,8 @@ def _fps(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}"
 
 
-def _task_table(task: str, models: dict[str, dict], info: dict[str, dict],
-                baseline: str | None, spec: dict[str, Any]) -> list[str]:
+def _task_table(task: str, models: dict[str, dict], info: dict[str, dict], baseline: str | None,
+                spec: dict[str, Any], directions: dict[str, bool], warnings: list[dict]) -> list[str]:
     cols = _metric_columns(models, spec["columns"])
     deltas = list(spec["delta_columns"])
     count_key = spec["count_key"]
@@ -338,31 +385,41 @@ def _task_table(task: str, models: dict[str, dict], info: dict[str, dict],
         row = [label] + [_cell(c, m.get(c), m.get("ci", {}).get(c), m.get("n", {}).get(c),
                                count) for c in cols]
         if has_delta:
-            row += _delta_cells(m.get("delta_vs_baseline"), name == baseline, deltas)
+            row += _delta_cells(m.get("delta_vs_baseline"), name == baseline, deltas, directions)
         if has_targets:
             row.append(_targets_cell(m))
         row += [str(count), _fps(m.get("frames_per_second"))]
         rows.append(row)
     lines = [f"### {task}", "", tabulate(rows, headers=headers, tablefmt="github",
                                          disable_numparse=True), ""]
-    lines += _footnotes(models, baseline if has_delta else None, notes, spec)
+    notes += [f"Warning: {w['message']}." for w in warnings]
+    lines += _footnotes(models, baseline if has_delta else None, notes, spec,
+                        any(c in directions for c in deltas))
     return lines
 
 
-def _delta_cells(d: dict | None, is_baseline: bool, columns: list[str]) -> list[str]:
+def delta_mark(d: dict, metric: str, directions: dict[str, bool]) -> str:
+    """``*`` when the delta's interval excludes 0, followed by ``better`` or ``worse`` when the
+    metric has a direction (``higher_is_better``): which side of 0 the interval lies on."""
+    ci = (d.get("ci") or {}).get(metric)
+    if not (d.get("significant") or {}).get(metric) or ci is None:
+        return ""
+    if metric not in directions:
+        return "*"
+    return "* better" if (ci[0] > 0) == directions[metric] else "* worse"
+
+
+def _delta_cells(d: dict | None, is_baseline: bool, columns: list[str], directions: dict[str, bool]) -> list[str]:
     if is_baseline:
         return ["-"] * len(columns)
     if not d:
         return ["n/a"] * len(columns)
-    cells = []
-    for c in columns:
-        mark = "*" if d.get("significant", {}).get(c) else ""
-        cells.append(_cell(c, d.get("delta", {}).get(c), d.get("ci", {}).get(c), mark=mark))
-    return cells
+    return [_cell(c, d.get("delta", {}).get(c), d.get("ci", {}).get(c), mark=delta_mark(d, c, directions))
+            for c in columns]
 
 
 def _footnotes(models: dict[str, dict], baseline: str | None, notes: list[str],
-               spec: dict[str, Any]) -> list[str]:
+               spec: dict[str, Any], directed: bool = False) -> list[str]:
     level = next((m.get("ci_level") for m in models.values() if m.get("ci_level")), 0.95)
     iters = next((m.get("bootstrap_iters") for m in models.values()
                   if m.get("bootstrap_iters") is not None), None)
@@ -371,7 +428,9 @@ def _footnotes(models: dict[str, dict], baseline: str | None, notes: list[str],
            f"{iters} resamples]" + (f"; {spec['note']}" if spec.get("note") else "") + "."]
     if baseline is not None:
         out.append(f"Δ = model − {baseline} on the same {unit} (paired bootstrap); "
-                   "* = the interval excludes 0.")
+                   "* = the interval excludes 0" + ("; better / worse = the change is an improvement / a "
+                                                    "degradation of that metric (`higher_is_better` in "
+                                                    "results.json)." if directed else "."))
     out += notes
     return [line + "  " for line in out[:-1]] + out[-1:] + [""]
 
@@ -405,8 +464,11 @@ def render_leaderboard(results_json: dict) -> str:
     info = results_json.get("models") or {}
     baselines = results_json.get("baselines") or {}
     lines: list[str] = []
+    directions = results_json.get("higher_is_better") or {}
+    warnings = results_json.get("warnings") or {}
     for task, models in (results_json.get("results") or {}).items():
-        lines += _task_table(task, models, info, baselines.get(task), leaderboard_spec(results_json, task))
+        lines += _task_table(task, models, info, baselines.get(task), leaderboard_spec(results_json, task),
+                             directions.get(task) or {}, warnings.get(task) or [])
     for group, models in (results_json.get("groups") or {}).items():
         lines += _group_table(group, models, info, (results_json.get("group_subtasks") or {}).get(group, []))
     from ttt_bench.reporting.series import series_notes, series_tables  # a training run's checkpoints
@@ -507,6 +569,8 @@ def _merge_into(merged: dict, run: dict, run_dir: Path, seen: dict, mixed: set[s
             merged["tasks"][task] = run.get("tasks", {}).get(task, {})
             merged["metrics_config"][task] = (run.get("metrics_config") or {}).get(task, {})
             merged["baselines"][task] = (run.get("baselines") or {}).get(task)
+            merged["higher_is_better"][task] = (run.get("higher_is_better") or {}).get(task, {})
+            merged["warnings"][task] = (run.get("warnings") or {}).get(task, [])
         target = merged["results"].setdefault(task, {})
         for model, m in models.items():
             info = (run.get("models") or {}).get(model, {})
@@ -541,7 +605,7 @@ def merge_runs(dirs: list[Path], allow_version_mismatch: bool = False) -> str:
     if not dirs:
         raise ValueError("ttt-bench leaderboard: give at least one run directory")
     merged: dict[str, Any] = {"models": {}, "tasks": {}, "metrics_config": {}, "baselines": {}, "results": {},
-                              "merge_notes": []}
+                              "higher_is_better": {}, "warnings": {}, "merge_notes": []}
     seen: dict[str, tuple[dict, Path]] = {}
     runs = [(load_results(Path(d)), Path(d)) for d in dirs]
     mixed = check_versions(runs, allow_version_mismatch)
@@ -567,7 +631,7 @@ def _clip(text: str, width: int) -> str:
 
 
 def _terminal_rows(models: dict[str, dict], info: dict[str, dict], baseline: str | None, cols: list[str],
-                   deltas: list[str], count_key: str) -> list[list[str]]:
+                   deltas: list[str], count_key: str, directions: dict[str, bool]) -> list[list[str]]:
     rows = []
     for name, m in models.items():
         label = row_label(name, info.get(name)) + (" (base)" if name == baseline else "")
@@ -578,8 +642,7 @@ def _terminal_rows(models: dict[str, dict], info: dict[str, dict], baseline: str
                 row.append("-")
             else:
                 value = (d.get("delta") or {}).get(c)
-                row.append(_fmt(c, value) + ("*" if (d.get("significant") or {}).get(c) else "")
-                           if value is not None else "n/a")
+                row.append(_fmt(c, value) + delta_mark(d, c, directions) if value is not None else "n/a")
         flags = sorted({f["code"] for f in m.get("flags", [])})
         row += [str(m.get(count_key)), _clip(",".join(flags), _FLAGS_WIDTH) if flags else "-"]
         rows.append(row)
@@ -587,14 +650,14 @@ def _terminal_rows(models: dict[str, dict], info: dict[str, dict], baseline: str
 
 
 def _terminal_task(task: str, models: dict[str, dict], info: dict[str, dict], baseline: str | None,
-                   spec: dict[str, Any], width: int) -> list[str]:
+                   spec: dict[str, Any], width: int, directions: dict[str, bool]) -> list[str]:
     """Estimates, Δ vs the baseline with its significance mark and flags; columns dropped from the
     right (estimates first, then deltas) until the table fits ``width``."""
     cols = _metric_columns(models, spec["columns"])
     deltas = list(spec["delta_columns"]) if baseline is not None and baseline in models else []
     while True:
         headers = ["model"] + cols + [f"Δ {c}" for c in deltas] + [spec["count_header"], "flags"]
-        rows = _terminal_rows(models, info, baseline, cols, deltas, spec["count_key"])
+        rows = _terminal_rows(models, info, baseline, cols, deltas, spec["count_key"], directions)
         table = tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
         if max(len(line) for line in table.splitlines()) <= width or len(cols) + len(deltas) <= 1:
             break
@@ -607,17 +670,20 @@ def _terminal_task(task: str, models: dict[str, dict], info: dict[str, dict], ba
 
 def render_terminal(results_json: dict, width: int = TERMINAL_WIDTH) -> str:
     """The run's summary for a terminal (at most about ``width`` columns): estimates, Δ vs the
-    baseline (* = its interval excludes 0) and flags. leaderboard.md has everything."""
+    baseline (* = its interval excludes 0, better / worse = in the metric's good / bad direction)
+    and flags. leaderboard.md has everything."""
     info = results_json.get("models") or {}
     baselines = results_json.get("baselines") or {}
+    directions = results_json.get("higher_is_better") or {}
     lines: list[str] = []
     for task, models in (results_json.get("results") or {}).items():
         lines += _terminal_task(task, models, info, baselines.get(task), leaderboard_spec(results_json, task),
-                                width)
+                                width, directions.get(task) or {})
     for group, models in (results_json.get("groups") or {}).items():
         lines += _group_table(group, models, info, (results_json.get("group_subtasks") or {}).get(group, []))
     if any(baselines.values()):
-        lines.append("Δ = model − baseline on the same documents; * = its 95% bootstrap interval excludes 0.")
+        lines.append("Δ = model − baseline on the same documents; * = its 95% bootstrap interval excludes 0;")
+        lines.append("better / worse = the change improves / degrades that metric (higher_is_better in results.json).")
     lines.append("Intervals, every column and what each flag means: leaderboard.md.")
     if results_json.get("complete") is False:
         lines.append("This run is incomplete (interrupted; resume with --resume).")

@@ -8,7 +8,10 @@ from typing import Any, ClassVar
 import torch
 
 from ttt_bench.config import StreamTaskConfig, TaskConfig
-from ttt_bench.metrics import MetricsConfig, StreamMetrics, TaskMetrics
+from ttt_bench.metrics import ModelShape, StreamMetrics, TaskMetrics
+from ttt_bench.models.streaming import audio_delays
+
+ON_BAD_INPUT = ("skip", "fail")
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Task:
         self.config = config
         self.name: str = config.task
         self.skipped: list[Skipped] = []
+        self._on_bad_input = "skip"
         self.source_spec: dict[str, Any] = dict(config.source)  # the source as resolved (results.json)
 
     def use_models(self, scorers: dict[str, Any]) -> None:
@@ -57,19 +61,20 @@ class Task:
     def documents(self, codec: Any, limit: int | None = None, on_bad_input: str = "skip") -> list[Document]:
         raise NotImplementedError
 
+    def start_documents(self, limit: int | None, on_bad_input: str, unit: str = "documents") -> None:
+        """The checks every ``documents`` makes first (``limit``, ``on_bad_input``), and a fresh
+        list of skipped inputs."""
+        if on_bad_input not in ON_BAD_INPUT:
+            raise ValueError(f"on_bad_input={on_bad_input!r}; choose one of {', '.join(ON_BAD_INPUT)}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit={limit}: give a positive number of {unit} (or None for all)")
+        self.skipped, self._on_bad_input = [], on_bad_input
+
     def metrics(self, lm: Any) -> TaskMetrics:
         """The metrics of this task for a model shaped like ``lm`` (its card and delays)."""
-        return stream_metrics(self.config, lm)
+        return StreamMetrics(self.config, shape_of(lm))
 
 
-def stream_metrics(config: Any, lm: Any) -> StreamMetrics:
-    """The long-stream metrics configured by a :class:`StreamTaskConfig`."""
-    return StreamMetrics(MetricsConfig(
-        positions=config.positions, window=config.window, early_late_frames=config.early_late_frames,
-        slope_range=config.slope_range, segments=config.segments, bootstrap_iters=config.bootstrap_iters,
-        card=lm.card, delays=audio_delays(lm), targets=config.targets))
-
-
-def audio_delays(lm: Any) -> list[int]:
-    """The delays of Moshi's own audio codebooks (the ones scored)."""
-    return list(lm.delays[lm.audio_offset:lm.audio_offset + lm.dep_q])
+def shape_of(lm: Any) -> ModelShape:
+    """The shape the metrics need of a moshi ``LMModel``: its card and its audio codebooks' delays."""
+    return ModelShape(card=int(lm.card), delays=tuple(audio_delays(lm)))

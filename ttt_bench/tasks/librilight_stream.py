@@ -25,13 +25,12 @@ from ttt_bench.audio.cache import CacheEntry, hash_bytes
 from ttt_bench.audio.codec import MimiCodec
 from ttt_bench.audio.decode import DecodeError, frames_for_seconds, iter_audio_24k, probe
 from ttt_bench.audio.sources import AudioItem, Selection, librilight_split_source, make_source
-from ttt_bench.models.loading.moshi import FRAME_RATE, FRAME_SIZE
+from ttt_bench.constants import FRAME_RATE, FRAME_SIZE
 from ttt_bench.registry import register_task
 from ttt_bench.tasks.base import Document, Skipped, Task
 
 logger = logging.getLogger(__name__)
 
-ON_BAD_INPUT = ("skip", "fail")
 META_KEYS = ("speaker", "book", "title", "authors", "snr")
 
 
@@ -72,19 +71,13 @@ class LibriLightStreamTask(Task):
         max_frames = getattr(config, "max_frames", None)
         self.max_frames: int | None = int(max_frames) if max_frames else None
         self.concat_book = bool(getattr(config, "concat_book", False)) or type(self).concat_book
-        self.skipped: list[Skipped] = []
-        self._on_bad_input = "skip"
 
     # -- public ---------------------------------------------------------------------------
 
     def documents(self, codec: MimiCodec, limit: int | None = None, on_bad_input: str = "skip",
                   batch_size: int | None = None) -> list[Document]:
         """Documents in the source's order (at most ``limit``), encoded through the code cache."""
-        if on_bad_input not in ON_BAD_INPUT:
-            raise ValueError(f"on_bad_input={on_bad_input!r}; choose one of {', '.join(ON_BAD_INPUT)}")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit={limit}: give a positive number of documents (or None for all)")
-        self.skipped, self._on_bad_input = [], on_bad_input
+        self.start_documents(limit, on_bad_input)
         batch_size = batch_size or (8 if codec.device.type == "cuda" else 1)
         items = self.selection.apply(iter(make_source(self.source_spec)))
         make = self._book_documents if self.concat_book else self._file_documents

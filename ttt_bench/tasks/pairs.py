@@ -33,11 +33,11 @@ from ttt_bench.audio.codec import MimiCodec
 from ttt_bench.audio.decode import DecodeError, frames_for_seconds, iter_audio_24k, probe
 from ttt_bench.audio.sources import _local_or_as_is, reading
 from ttt_bench.config import ConfigError, TaskConfig, _failer
-from ttt_bench.metrics import (DocRecord, MetricsConfig, TaskMetrics, bootstrap_delta, bootstrap_ratio,
-                       evaluate_targets, flags_from_summaries, summarize_all)
-from ttt_bench.models.loading.moshi import FRAME_RATE
+from ttt_bench.metrics import (CI_LEVEL, BOOTSTRAP_SEED, DocRecord, ModelShape, TaskMetrics, bootstrap_delta,
+                               bootstrap_ratio, evaluate_targets, flags_from_summaries, summarize_all)
+from ttt_bench.constants import FRAME_RATE
 from ttt_bench.registry import register_task
-from ttt_bench.tasks.base import Document, Skipped, Task, audio_delays
+from ttt_bench.tasks.base import Document, Skipped, Task, shape_of
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ class PairTaskConfig(TaskConfig):
         unknown = sorted(set(self.source) - set(SOURCE_KEYS) - {"type"})
         if unknown:
             raise ConfigError(f"{source}: unknown source key(s) {', '.join(unknown)}; valid: {', '.join(SOURCE_KEYS)}")
-        for metric in self.targets:
-            if metric not in PAIR_METRICS:
-                fail(f"targets.{metric}", f"a target on one of {', '.join(PAIR_METRICS)}", metric)
+
+    def metric_names(self) -> list[str]:
+        return list(PAIR_METRICS)
 
     @property
     def columns(self) -> list[str]:
@@ -169,18 +169,10 @@ class PairLikelihoodTask(Task):
 
     config_class = PairTaskConfig
 
-    def __init__(self, config: PairTaskConfig):
-        super().__init__(config)
-        self._on_bad_input = "skip"
-
     def documents(self, codec: MimiCodec, limit: int | None = None, on_bad_input: str = "skip",
                   batch_size: int | None = None) -> list[Document]:
         """Two documents per pair (positive first), at most ``limit`` pairs."""
-        if on_bad_input not in ("skip", "fail"):
-            raise ValueError(f"on_bad_input={on_bad_input!r}; choose one of skip, fail")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit={limit}: give a positive number of pairs (or None for all)")
-        self.skipped, self._on_bad_input = [], on_bad_input
+        self.start_documents(limit, on_bad_input, unit="pairs")
         batch_size = batch_size or self.config.encode_batch_size
         docs: list[Document] = []
         pending: list[tuple[str, dict[str, Any], list[_Clip]]] = []
@@ -237,9 +229,7 @@ class PairLikelihoodTask(Task):
         self.skipped.append(Skipped(pair_id, reason))
 
     def metrics(self, lm: Any) -> "PairMetrics":
-        return PairMetrics(self.config.codebooks, MetricsConfig(
-            bootstrap_iters=self.config.bootstrap_iters, card=lm.card, delays=audio_delays(lm)),
-            self.config.targets)
+        return PairMetrics(self.config, shape_of(lm))
 
 
 def _plain(value: Any) -> Any:
@@ -311,7 +301,9 @@ def _compare(positive: float, negative: float) -> float:
 
 
 @dataclass
-class PairSummary:
+class PairScores:
+    """What one model scored on a pair task (``PairMetrics.summarize``)."""
+
     pairs: list[PairScore]
     incomplete: list[str]      # pairs with a clip missing (its scoring failed)
     nonfinite: list[str]       # pairs with a non-finite NLL where the model predicts
@@ -337,19 +329,20 @@ class PairMetrics(TaskMetrics):
     columns = PAIR_METRICS
     delta_columns = PAIR_METRICS
 
-    def __init__(self, codebooks: str, config: MetricsConfig, targets: dict[str, str] | None = None):
-        self.codebooks = codebooks
-        self.config = config
-        self.targets = dict(targets or {})
-        self.note = f"NLL summed over the {codebooks} codebook(s); ties count 0.5"
+    higher_is_better = {"acc": True, "acc_norm": True}
 
+    def __init__(self, config: PairTaskConfig, shape: ModelShape = ModelShape()):
+        self.config = config
+        self.shape = shape
+        self.codebooks = config.codebooks
+        self.note = f"NLL summed over the {self.codebooks} codebook(s); ties count 0.5"
 
     def to_dict(self) -> dict[str, Any]:
         return {"codebooks": self.codebooks, "codebook_indices": CODEBOOKS[self.codebooks],
-                "bootstrap_iters": self.config.bootstrap_iters, "seed": self.config.seed,
-                "ci_level": self.config.ci_level, "delays": self.config.delays}
+                "bootstrap_iters": self.config.bootstrap_iters, "seed": BOOTSTRAP_SEED,
+                "ci_level": CI_LEVEL, "delays": list(self.shape.delays)}
 
-    def summarize(self, records: Sequence[DocRecord]) -> PairSummary:
+    def summarize(self, records: Sequence[DocRecord]) -> PairScores:
         by_pair: dict[str, dict[str, DocRecord]] = {}
         for r in records:
             by_pair.setdefault(str(r.meta.get("pair", r.doc_id.rsplit("/", 1)[0])), {})[r.meta.get("role", "")] = r
@@ -358,7 +351,7 @@ class PairMetrics(TaskMetrics):
             if set(clips) != set(ROLES):
                 incomplete.append(pair_id)
                 continue
-            sums = [clip_nll(np.asarray(clips[role].nll), CODEBOOKS[self.codebooks], self.config.delays)
+            sums = [clip_nll(np.asarray(clips[role].nll), CODEBOOKS[self.codebooks], self.shape.delays)
                     for role in ROLES]
             if not all(ok for _, ok in sums):
                 nonfinite.append(pair_id)
@@ -367,7 +360,7 @@ class PairMetrics(TaskMetrics):
             pairs.append(PairScore(pair_id, {k: v for k, v in pos.meta.items() if k not in CLIP_KEYS},
                                    (sums[0][0], sums[1][0]), (pos.nll.shape[-1], neg.nll.shape[-1]),
                                    pos.seconds + neg.seconds))
-        return PairSummary(pairs, incomplete, nonfinite, summarize_all(records, self.config),
+        return PairScores(pairs, incomplete, nonfinite, summarize_all(records, self.shape),
                            int(sum(r.nll.shape[-1] for r in records)), float(sum(r.seconds for r in records)))
 
     def _arrays(self, pairs: Sequence[PairScore]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -375,11 +368,11 @@ class PairMetrics(TaskMetrics):
         return {"acc": (np.array([p.acc for p in pairs]), ones),
                 "acc_norm": (np.array([p.acc_norm for p in pairs]), ones)}
 
-    def model_metrics(self, summary: PairSummary) -> dict[str, Any]:
+    def model_metrics(self, summary: PairScores) -> dict[str, Any]:
         out: dict[str, Any] = {}
         ci, se, n = {}, {}, {}
         for name, (num, den) in self._arrays(summary.pairs).items():
-            b = bootstrap_ratio(num, den, self.config)
+            b = bootstrap_ratio(num, den, self.config.bootstrap_iters)
             out[name], ci[name], se[name], n[name] = b["value"], b["ci"], b["stderr"], b["n"]
         out.update({
             "ci": ci, "stderr": se, "n": n, "n_pairs": len(summary.pairs),
@@ -388,14 +381,14 @@ class PairMetrics(TaskMetrics):
             "nll_negative": _mean([p.nll[1] for p in summary.pairs]),
             "n_frames": summary.n_frames, "seconds": summary.seconds,
             "frames_per_second": summary.n_frames / summary.seconds if summary.seconds > 0 else None,
-            "codebooks": self.codebooks, "ci_level": self.config.ci_level,
+            "codebooks": self.codebooks, "ci_level": CI_LEVEL,
             "bootstrap_iters": self.config.bootstrap_iters, "flags": self._flags(summary),
         })
-        out["targets"] = evaluate_targets(out, self.targets)
+        out["targets"] = evaluate_targets(out, self.config.targets)
         return out
 
-    def _flags(self, summary: PairSummary) -> list[dict[str, str]]:
-        flags = [f for f in flags_from_summaries(summary.clip_summaries, self.config)
+    def _flags(self, summary: PairScores) -> list[dict[str, str]]:
+        flags = [f for f in flags_from_summaries(summary.clip_summaries, self.shape)
                  if f["code"] != "no_documents"]
         if summary.nonfinite:
             flags.append({"code": "nonfinite_pairs", "message": (
@@ -405,19 +398,19 @@ class PairMetrics(TaskMetrics):
             flags.append({"code": "no_pairs", "message": "no pair was scored"})
         return flags
 
-    def deltas(self, summary: PairSummary, base: PairSummary) -> dict[str, Any]:
+    def deltas(self, summary: PairScores, base: PairScores) -> dict[str, Any]:
         mine = {p.pair_id: p for p in summary.pairs}
         theirs = {p.pair_id: p for p in base.pairs}
         common = [k for k in mine if k in theirs]
         a, b = self._arrays([mine[k] for k in common]), self._arrays([theirs[k] for k in common])
-        res = {name: bootstrap_delta(*a[name], *b[name], self.config, paired=True) for name in a}
+        res = {name: bootstrap_delta(*a[name], *b[name], self.config.bootstrap_iters, paired=True) for name in a}
         return {"n_pairs": len(common), "n_unpaired": len(mine) + len(theirs) - 2 * len(common),
                 "delta": {k: r["value"] for k, r in res.items()}, "ci": {k: r["ci"] for k, r in res.items()},
                 "stderr": {k: r["stderr"] for k, r in res.items()}, "n": {k: r["n"] for k, r in res.items()},
                 "significant": {k: None if r["ci"] is None else not r["ci"][0] <= 0 <= r["ci"][1]
                                 for k, r in res.items()}}
 
-    def sample_lines(self, summary: PairSummary) -> Iterable[dict[str, Any]]:
+    def sample_lines(self, summary: PairScores) -> Iterable[dict[str, Any]]:
         for p in summary.pairs:
             yield {"doc_id": p.pair_id, "nll_positive": p.nll[0], "nll_negative": p.nll[1],
                    "frames_positive": p.frames[0], "frames_negative": p.frames[1], "acc": p.acc,

@@ -33,16 +33,18 @@ import torch
 from ttt_bench.audio.codec import MimiCodec
 from ttt_bench.audio.sources import AudioItem, make_source
 from ttt_bench.config import TaskConfig, check_positive_int, check_select_and_split, _failer
-from ttt_bench.metrics import (DocRecord, MetricsConfig, TaskMetrics, bootstrap_delta, bootstrap_ratio,
-                       prediction_mask)
+from ttt_bench.constants import FRAME_RATE, N_CODEBOOKS
+from ttt_bench.metrics import (BOOTSTRAP_SEED, CI_LEVEL, DocRecord, ModelShape, TaskMetrics, bootstrap_delta,
+                               bootstrap_ratio, evaluate_targets, prediction_mask)
 from ttt_bench.registry import register_task
-from ttt_bench.tasks.base import Document, audio_delays
-from ttt_bench.tasks.librilight_stream import ON_BAD_INPUT, LibriLightStreamTask
+from ttt_bench.tasks.base import Document, shape_of
+from ttt_bench.tasks.librilight_stream import LibriLightStreamTask
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("seen", "unseen")
-GAIN_GROUPS = {"recall_gain": None, "recall_gain_semantic": [0], "recall_gain_acoustic": list(range(1, 8))}
+GAIN_GROUPS = {"recall_gain": None, "recall_gain_semantic": [0], "recall_gain_acoustic": list(range(1, N_CODEBOOKS))}
+RECALL_METRICS = (*GAIN_GROUPS, *(f"nll_{role}" for role in ROLES))
 ZERO_TOLERANCE = 1e-6  # nats: an attention-only model past its reach gains exactly 0
 
 
@@ -67,6 +69,9 @@ class RecallTaskConfig(TaskConfig):
                  self.gap_frames)
         if self.pairs is not None:
             check_positive_int(fail, self, "pairs")
+
+    def metric_names(self) -> list[str]:
+        return list(RECALL_METRICS)
 
 
 def attention_reach(lm: Any) -> int | None:
@@ -172,11 +177,7 @@ class LibriLightRecallTask(LibriLightStreamTask):
     def documents(self, codec: MimiCodec, limit: int | None = None, on_bad_input: str = "skip",
                   batch_size: int | None = None) -> list[Document]:
         """Two documents per pair (seen, unseen), at most ``limit`` pairs."""
-        if on_bad_input not in ON_BAD_INPUT:
-            raise ValueError(f"on_bad_input={on_bad_input!r}; choose one of {', '.join(ON_BAD_INPUT)}")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit={limit}: give a positive number of pairs (or None for all)")
-        self.skipped, self._on_bad_input = [], on_bad_input
+        self.start_documents(limit, on_bad_input, unit="pairs")
         gap, frames = self.gap_frames, self.recall_frames
         pool = _Pool(self, self.selection.apply(iter(make_source(self.source_spec))), codec, frames, max(frames, gap))
         wanted = min(n for n in (limit, self.config.pairs, math.inf) if n is not None)
@@ -207,16 +208,16 @@ class LibriLightRecallTask(LibriLightStreamTask):
         return out
 
     def metrics(self, lm: Any) -> "RecallMetrics":
-        return RecallMetrics(MetricsConfig(bootstrap_iters=self.config.bootstrap_iters, card=lm.card,
-                                           delays=audio_delays(lm)),
-                             self.recall_frames, self.gap_frames, self.reach)
+        return RecallMetrics(self.config, shape_of(lm), self.gap_frames, self.reach)
 
 
 # ----------------------------------------------------------------------------- metrics
 
 
 @dataclass
-class PairSummary:
+class RecallPair:
+    """The final A of one pair, as one model scored it after A (seen) and after A' (unseen)."""
+
     pair: str
     seen: np.ndarray  # float64 [K, R]: NLL of the final A after A
     unseen: np.ndarray  # after A'
@@ -225,7 +226,7 @@ class PairSummary:
 
 @dataclass
 class RecallSummary:
-    pairs: list[PairSummary]
+    pairs: list[RecallPair]
     unpaired: list[str]
     n_docs: int
     n_frames: int
@@ -243,14 +244,16 @@ class RecallMetrics(TaskMetrics):
             "remembers A; nll_seen/nll_unseen: NLL of the final A")
     columns = ("recall_gain", "recall_gain_semantic", "recall_gain_acoustic", "nll_seen", "nll_unseen")
     delta_columns = ("recall_gain",)
+    higher_is_better = {"recall_gain*": True, "nll_seen": False, "nll_unseen": False}
 
-    def __init__(self, config: MetricsConfig, recall_frames: int, gap_frames: int, reach: int | None):
-        self.config, self.recall_frames, self.gap_frames, self.reach = config, recall_frames, gap_frames, reach
+    def __init__(self, config: RecallTaskConfig, shape: ModelShape, gap_frames: int, reach: int | None):
+        """``gap_frames``: the gap as the task resolved it (``context``: the models' reach)."""
+        self.config, self.shape, self.gap_frames, self.reach = config, shape, gap_frames, reach
+        self.recall_frames = int(config.recall_frames)
 
     def to_dict(self) -> dict[str, Any]:
         return {"recall_frames": self.recall_frames, "gap_frames": self.gap_frames, "attention_reach": self.reach,
-                "bootstrap_iters": self.config.bootstrap_iters, "ci_level": self.config.ci_level,
-                "seed": self.config.seed}
+                "bootstrap_iters": self.config.bootstrap_iters, "ci_level": CI_LEVEL, "seed": BOOTSTRAP_SEED}
 
     # -- one pass over the records ------------------------------------------------------------
 
@@ -260,7 +263,7 @@ class RecallMetrics(TaskMetrics):
         for r in records:
             nll = np.asarray(r.nll, dtype=np.float64)
             start, frames = int(r.meta["recall_start"]), int(r.meta["recall_frames"])
-            predicted = prediction_mask(nll.shape[-1], self.config.delays)[:, start:start + frames]
+            predicted = prediction_mask(nll.shape[-1], self.shape.delays)[:, start:start + frames]
             final = nll[:, start:start + frames]
             n_nonfinite += int((predicted & ~np.isfinite(final)).sum())
             by_pair.setdefault(str(r.meta["pair"]), {})[r.meta["role"]] = np.where(predicted, final, np.nan)
@@ -270,7 +273,7 @@ class RecallMetrics(TaskMetrics):
                 unpaired.append(pair)
                 continue
             mask = np.isfinite(roles["seen"]) & np.isfinite(roles["unseen"])
-            pairs.append(PairSummary(pair, roles["seen"], roles["unseen"], mask))
+            pairs.append(RecallPair(pair, roles["seen"], roles["unseen"], mask))
         return RecallSummary(pairs, unpaired, len(records), int(sum(np.asarray(r.nll).shape[-1] for r in records)),
                              float(sum(r.seconds or 0.0 for r in records)), n_nonfinite)
 
@@ -292,7 +295,7 @@ class RecallMetrics(TaskMetrics):
         m: dict[str, Any] = {"ci": {}, "stderr": {}, "n": {}}
         terms = self._terms(s)
         for name, (num, den) in terms.items():
-            b = bootstrap_ratio(num, den, self.config)
+            b = bootstrap_ratio(num, den, self.config.bootstrap_iters)
             m[name], m["ci"][name], m["stderr"][name], m["n"][name] = b["value"], b["ci"], b["stderr"], b["n"]
         num, den = terms["recall_gain"]
         per_pair = {p.pair: (float(n / d) if d > 0 else None) for p, n, d in zip(s.pairs, num, den)}
@@ -302,8 +305,9 @@ class RecallMetrics(TaskMetrics):
                   "n_nonfinite": s.n_nonfinite, "seconds": s.seconds,
                   "frames_per_second": s.n_frames / s.seconds if s.seconds > 0 else None,
                   "recall_frames": self.recall_frames, "gap_frames": self.gap_frames, "attention_reach": self.reach,
-                  "ci_level": self.config.ci_level, "bootstrap_iters": self.config.bootstrap_iters,
+                  "ci_level": CI_LEVEL, "bootstrap_iters": self.config.bootstrap_iters,
                   "flags": self._flags(s)})
+        m["targets"] = evaluate_targets(m, self.config.targets)
         return m
 
     def _flags(self, s: RecallSummary) -> list[dict[str, str]]:
@@ -318,11 +322,11 @@ class RecallMetrics(TaskMetrics):
                                                           "left out of both documents of their pair"})
         return flags
 
-    def model_flags(self, m: dict[str, Any], info: dict[str, Any]) -> list[dict[str, str]]:
+    def model_flags(self, m: dict[str, Any], info: Any) -> list[dict[str, str]]:
         """An attention-only model that gains from a repeat its attention cannot reach: the
         measurement is wrong (state carried between documents, or a reach larger than computed)."""
         gain = m.get("max_abs_pair_gain")
-        if (info.get("attention_only") and self.reach is not None and self.gap_frames >= self.reach
+        if (info.attention_only and self.reach is not None and self.gap_frames >= self.reach
                 and gain is not None and gain > ZERO_TOLERANCE):
             return [{"code": "attention_recall", "message": (
                 f"a model whose only memory is attention gains up to {gain:.3g} nats from a repeat "
@@ -340,7 +344,7 @@ class RecallMetrics(TaskMetrics):
                                "delta": {}, "ci": {}, "stderr": {}, "n": {}, "significant": {}}
         for name in ta:
             (na, da), (nb, db) = ta[name], tb[name]
-            b = bootstrap_delta(na[order_a], da[order_a], nb[order_b], db[order_b], self.config)
+            b = bootstrap_delta(na[order_a], da[order_a], nb[order_b], db[order_b], self.config.bootstrap_iters)
             out["delta"][name], out["ci"][name], out["stderr"][name], out["n"][name] = (
                 b["value"], b["ci"], b["stderr"], b["n"])
             out["significant"][name] = None if b["ci"] is None else bool(b["ci"][0] > 0 or b["ci"][1] < 0)
@@ -361,12 +365,12 @@ class RecallMetrics(TaskMetrics):
         mean = np.where(count > 0, np.where(ok, per_pair, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
         low = high = np.full(frames, np.nan)
         if len(s.pairs) >= 2 and self.config.bootstrap_iters >= 2:
-            rng = np.random.default_rng(self.config.seed)
+            rng = np.random.default_rng(BOOTSTRAP_SEED)
             idx = rng.integers(0, len(s.pairs), (self.config.bootstrap_iters, len(s.pairs)))
             sums = np.where(ok, per_pair, 0.0)[idx].sum(axis=1)
             counts = ok[idx].sum(axis=1)
             reps = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-            alpha = (1 - self.config.ci_level) / 2
+            alpha = (1 - CI_LEVEL) / 2
             with np.errstate(all="ignore"):
                 low, high = np.nanquantile(reps, [alpha, 1 - alpha], axis=0)
         return {"mean": mean, "low": low, "high": high, "count": count}
@@ -384,7 +388,7 @@ class RecallMetrics(TaskMetrics):
             yield {"doc_id": p.pair, "pair": p.pair, "recall_frames": self.recall_frames,
                    "gap_frames": self.gap_frames, "metrics": values}
 
-    def plot(self, path, task: str, summaries: dict[str, RecallSummary], labels: dict[str, str]) -> None:
+    def plot(self, path, task: str, summaries: dict[str, RecallSummary], labels: dict[str, str]) -> bool:
         """The gain curve over the final A per model, with its bootstrap band."""
         from ttt_bench.reporting import plots  # noqa: F401  (selects the Agg backend)
         import matplotlib.pyplot as plt
@@ -397,7 +401,7 @@ class RecallMetrics(TaskMetrics):
             if np.isfinite(c["low"]).any():
                 ax.fill_between(x, c["low"], c["high"], color=line.get_color(), alpha=0.2, linewidth=0)
         ax.axhline(0.0, color="black", linewidth=0.8)
-        ax.set_xlabel("frame of the final A (12.5 frames/s)")
+        ax.set_xlabel(f"frame of the final A ({FRAME_RATE:g} frames/s)")
         ax.set_ylabel("recall gain, nats (unseen − seen)")
         ax.set_title(f"{task}: A {self.recall_frames} frames, gap {self.gap_frames} frames"
                      + (f" (attention reach {self.reach})" if self.reach is not None else ""))
@@ -405,3 +409,4 @@ class RecallMetrics(TaskMetrics):
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
+        return True

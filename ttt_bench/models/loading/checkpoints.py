@@ -31,6 +31,8 @@ import requests
 import torch
 from moshi.models import loaders
 
+from ttt_bench.constants import N_CODEBOOKS
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
@@ -139,7 +141,7 @@ class ResolvedCheckpoint:
 
     def _num_codebooks(self) -> int:
         if self.lm_config is None:
-            return 8
+            return N_CODEBOOKS
         return max(self.lm_config["dep_q"], self.lm_config["n_q"] - self.lm_config["dep_q"])
 
     def checkpoint_info(self) -> loaders.CheckpointInfo:

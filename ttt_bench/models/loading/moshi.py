@@ -20,15 +20,12 @@ from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
+from ttt_bench.constants import FRAME_RATE, FRAME_SIZE, N_CODEBOOKS as NUM_AUDIO_CODEBOOKS, SAMPLE_RATE
 from ttt_bench.models.loading.checkpoints import CheckpointError, LoadArgs, ResolvedCheckpoint, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRETRAINED = loaders.DEFAULT_REPO  # kyutai/moshiko-pytorch-bf16
-NUM_AUDIO_CODEBOOKS = 8
-SAMPLE_RATE = loaders.SAMPLE_RATE  # 24 kHz
-FRAME_RATE = loaders.FRAME_RATE  # 12.5 Hz
-FRAME_SIZE = int(SAMPLE_RATE / FRAME_RATE)  # 1920 samples
 
 # Tiny Mimi: the real hop (1920 samples at 24 kHz, 12.5 Hz) with small channels.
 TINY_MIMI_CONFIG: dict[str, Any] = {
@@ -36,7 +33,7 @@ TINY_MIMI_CONFIG: dict[str, Any] = {
     "channels": 1,
     "frame_rate": FRAME_RATE,
     "seanet": {**loaders._seanet_kwargs, "dimension": 32, "n_filters": 4},
-    "quantizer": {**loaders._quantizer_kwargs, "dimension": 16, "n_q": 8, "bins": 256,
+    "quantizer": {**loaders._quantizer_kwargs, "dimension": 16, "n_q": NUM_AUDIO_CODEBOOKS, "bins": 256,
                   "input_dimension": 32, "output_dimension": 32},
     "transformer": {**loaders._transformer_kwargs, "d_model": 32, "num_heads": 2, "num_layers": 1,
                     "dim_feedforward": 64, "input_dimension": 32, "output_dimensions": [32]},
