@@ -99,7 +99,9 @@ def series_tables(results_json: Mapping[str, Any]) -> list[str]:
             for name in names:
                 m = models[name]
                 row = [str(by_member[name][1])] + [_cell(_number(m.get(c)), (m.get("ci") or {}).get(c)) for c in cols]
-                if base:
+                if base and name == base:
+                    row += ["-"] * len(cols)
+                elif base:
                     d = m.get("delta_vs_baseline") or {}
                     for c in cols:
                         ci = (d.get("ci") or {}).get(c)
@@ -143,6 +145,7 @@ def plot_vs_step(stem: Path, task: str, by_series: Mapping[str, Mapping[str, lis
                 ax.fill_between(steps, [p[2] for p in points], [p[3] for p in points], color=line.get_color(),
                                 alpha=0.2, lw=0)
         ax.set_title(f"{task}: {metric}")
+        ax.set_ylabel(metric)
         ax.set_xlabel("training step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
