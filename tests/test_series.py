@@ -216,6 +216,21 @@ def test_checkpoints_share_one_model_and_score_per_position_as_alone(base, tmp_p
     assert scorers["frozen@20"].shared.swaps == 4  # 10 -> 20 -> 10 -> 20 -> 10
 
 
+def test_a_pair_task_reports_acc_against_the_step_and_legacy_takes_a_run_as_its_base(base, tmp_path):
+    run = lora_run(tmp_path / "run", base, steps=(10, 20))
+    out = tmp_path / "out"
+    results = simple_evaluate("legacy", {"base": "frozen", "checkpoint": str(run), "hf_repo": REPO},
+                              tasks=["zeroshot_sample"], limit=6, chunk_size=16, output_path=str(out),
+                              task_args={"verify_causality": False})
+    assert list(results["results"]["zeroshot_sample"]) == ["legacy@10", "legacy@20"]
+    assert results["models"]["legacy@20"]["label"].startswith("legacy@20[frozen (run/checkpoint_000020 lora)")
+    series = results["series"]["zeroshot_sample"]["legacy"]
+    assert list(series) == ["acc"]  # the pair tasks' headline metric
+    for step, value, low, high in series["acc"]:
+        assert value == results["results"]["zeroshot_sample"][f"legacy@{step}"]["acc"] and low <= value <= high
+    assert (out / "zeroshot_sample_vs_step.png").exists()
+
+
 # ----------------------------------------------------------------------------- naming and choosing checkpoints
 
 
