@@ -72,7 +72,10 @@ Schema of :func:`compute_model_metrics` (``results[task][model]`` in results.jso
 
     {"baseline": "frozen", "n_docs": paired docs, "n_unpaired": docs in only one of the two,
      "delta": {metric: float | null}, "ci": {...}, "stderr": {...}, "n": {...},
-     "significant": {metric: bool | null}}   # interval excludes 0
+     "significant": {metric: bool | null},   # interval excludes 0
+     "mde": {metric: float | null},          # minimum detectable effect (power(): 80%, two-sided 5%)
+     "docs_needed": {metric: int | null},    # per target: documents to detect the target's size
+     "underpowered": {metric: bool | null}}  # per target: interval includes 0, mde > target's size
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ DEGENERATE_MAX_N = 64      # n = 1 .. this for the ln(n) signature
 DEGENERATE_SPREAD = 0.05   # std below this = "almost no spread"
 DEGENERATE_FRACTION = 0.5  # this share of values at ln(n) = clustered
 CARD_TOL = 0.05            # mean NLL >= ln(card) - this = near uniform
+POWER = 0.8          # the power the minimum detectable effect is computed for
+POWER_Z = 1.959963984540054 + 0.8416212335729143  # z_0.975 + z_0.8 (two-sided 5%, power 80%)
 VOICED_SHARE = 0.5  # a frame is voiced when at least this share of its span is in a voiced segment
 VOICED_EPS = 1e-9   # seconds: float slack on that share (a segment ending exactly mid-frame counts)
 
@@ -480,6 +485,57 @@ def bootstrap_delta(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray,
     return out
 
 
+# ----------------------------------------------------------------------------- power
+
+
+def paired_differences(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: np.ndarray
+                       ) -> np.ndarray:
+    """Per-document ``a - b`` of a metric (each document's own value ``num / den``), over the
+    documents contributing to both (arrays aligned by document)."""
+    both = (den_a > 0) & (den_b > 0)
+    return num_a[both] / den_a[both] - num_b[both] / den_b[both]
+
+
+def minimum_detectable_effect(diffs: np.ndarray) -> float | None:
+    """The smallest true difference a paired comparison over ``diffs.size`` documents detects with
+    power ``POWER`` at two-sided level ``1 - CI_LEVEL`` (normal approximation):
+    ``(z_0.975 + z_0.8) * sd(diffs) / sqrt(n)``; None with fewer than 2 documents."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    if diffs.size < 2:
+        return None
+    return float(POWER_Z * diffs.std(ddof=1) / math.sqrt(diffs.size))
+
+
+def documents_needed(diffs: np.ndarray, size: float) -> int | None:
+    """How many documents a paired comparison needs to detect a difference of ``size`` (same power
+    and level as :func:`minimum_detectable_effect`, the sd of these ``diffs``):
+    ``ceil(((z_0.975 + z_0.8) * sd / size) ** 2)``, at least 2; None without an sd or for size 0."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    if diffs.size < 2 or size == 0:
+        return None
+    return max(2, math.ceil((POWER_Z * float(diffs.std(ddof=1)) / abs(size)) ** 2))
+
+
+def power(terms_a: dict[str, tuple[np.ndarray, np.ndarray]], terms_b: dict[str, tuple[np.ndarray, np.ndarray]],
+          significant: dict[str, bool | None], targets: dict[str, str]) -> dict[str, Any]:
+    """``mde`` of every delta, and for each metric with a target: ``docs_needed`` to detect a
+    difference of the target's size (its bound, e.g. 0.05 for ``improvement > 0.05``) and
+    ``underpowered``: the interval includes 0 while the MDE exceeds that size (a null result that
+    says nothing about an effect of that size); None where it cannot be told."""
+    diffs = {name: paired_differences(*terms_a[name], *terms_b[name]) for name in terms_a if name in terms_b}
+    out: dict[str, Any] = {"mde": {name: minimum_detectable_effect(d) for name, d in diffs.items()},
+                           "docs_needed": {}, "underpowered": {}}
+    for name, spec in targets.items():
+        if name not in diffs:
+            continue
+        size = abs(parse_target(spec)[1])
+        mde = out["mde"][name]
+        out["docs_needed"][name] = documents_needed(diffs[name], size)
+        out["underpowered"][name] = (None if mde is None or significant.get(name) is None
+                                     else bool(not significant[name] and mde > size))
+    return out
+
+
 # ----------------------------------------------------------------------------- sanity flags
 
 
@@ -674,6 +730,7 @@ def deltas_from_summaries(model: Sequence[DocSummary], base: Sequence[DocSummary
     out["n"] = {k: r["n"] for k, r in res.items()}
     out["significant"] = {k: None if r["ci"] is None else not r["ci"][0] <= 0 <= r["ci"][1]
                           for k, r in res.items()}
+    out.update(power(ta, tb, out["significant"], cfg.targets))
     return out
 
 
@@ -720,6 +777,7 @@ class TaskMetrics(ABC):
     column_notes: ClassVar[dict[str, str]] = {}  # column pattern -> footnote, when such a column is shown
     columns: ClassVar[tuple[str, ...]] = ()        # leaderboard columns; "name*" = every "name..."
     delta_columns: ClassVar[tuple[str, ...]] = ()  # metrics shown as Δ vs the baseline
+    headline: ClassVar[str | None] = None  # the delta whose MDE the footnote states (None: the first)
     loss_curves: ClassVar[bool] = False  # its documents go into the loss-vs-position plot
     # metric (or "name*" pattern) -> True: higher is better, False: lower is better. Every metric
     # with an estimate and an interval has one; counts and speeds have none.
@@ -780,7 +838,8 @@ class TaskMetrics(ABC):
         """What the leaderboard shows (stored in results.json, so merged runs render alike)."""
         return {"columns": list(self.columns), "delta_columns": list(self.delta_columns), "unit": self.unit,
                 "count_key": self.count_key, "count_header": self.count_header, "note": self.note,
-                "column_notes": dict(self.column_notes)}
+                "column_notes": dict(self.column_notes),
+                "headline": self.headline or next(iter(self.delta_columns), None)}
 
 
 class StreamMetrics(TaskMetrics):
@@ -797,6 +856,7 @@ class StreamMetrics(TaskMetrics):
                                  "only (the documents' voice activity); voiced_fraction: their share of "
                                  "voiced frames")}
     loss_curves = True
+    headline = "improvement"  # does the loss go down over the stream, more than the baseline's?
     # voiced_fraction describes the recordings, not the model: it has no direction
     higher_is_better = {"improvement": True, "mean_nll": False, "nll@*": False, "early_nll": False,
                         "late_nll": False, "slope*": False, "nll_*": False, "voiced_improvement": True,

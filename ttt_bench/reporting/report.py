@@ -418,8 +418,12 @@ def _column_note(cols: list[str], spec: dict[str, Any]) -> str:
 
 def delta_mark(d: dict, metric: str, directions: dict[str, bool]) -> str:
     """``*`` when the delta's interval excludes 0, followed by ``better`` or ``worse`` when the
-    metric has a direction (``higher_is_better``): which side of 0 the interval lies on."""
+    metric has a direction (``higher_is_better``): which side of 0 the interval lies on;
+    ``underpowered`` when it includes 0 but the run could not have detected a difference of the
+    metric's target size (``underpowered`` in results.json)."""
     ci = (d.get("ci") or {}).get(metric)
+    if (d.get("underpowered") or {}).get(metric):
+        return " underpowered"
     if not (d.get("significant") or {}).get(metric) or ci is None:
         return ""
     if metric not in directions:
@@ -449,10 +453,28 @@ def _footnotes(models: dict[str, dict], baseline: str | None, notes: list[str],
                    "* = the interval excludes 0" + ("; better / worse = the change is an improvement / a "
                                                     "degradation of that metric (`higher_is_better` in "
                                                     "results.json)." if directed else "."))
+        out += _power_notes(models, spec)
     out += notes
     return [line + "  " for line in out[:-1]] + out[-1:] + [""]
 
 
+def _power_notes(models: dict[str, dict], spec: dict[str, Any]) -> list[str]:
+    """The minimum detectable effect of the headline delta per model, and what "underpowered" says
+    where a row has it."""
+    metric, unit = spec.get("headline"), spec["unit"]
+    found = [(name, m["delta_vs_baseline"]) for name, m in models.items() if m.get("delta_vs_baseline")]
+    mdes = [(name, d) for name, d in found if (d.get("mde") or {}).get(metric) is not None]
+    out = []
+    if mdes:
+        parts = ", ".join(f"{name} {_fmt(metric, d['mde'][metric])} (n={d['n'][metric]})" for name, d in mdes)
+        out.append(f"MDE of Δ {metric} (the smallest difference this run detects with 80% power at a two-sided "
+                   f"5% level, paired over {unit}: (z_0.975 + z_0.8) × sd of the per-{unit[:-1]} differences / "
+                   f"√n): {parts}.")
+    if any(any((d.get("underpowered") or {}).values()) for _, d in found):
+        out.append(f"underpowered = the interval includes 0 but the MDE exceeds the target's size: no effect "
+                   f"was detected, and none of that size could have been; `docs_needed` in results.json says how "
+                   f"many {unit} would do.")
+    return out
 
 
 def _group_table(group: str, models: dict[str, dict], info: dict[str, dict], members: list[str]) -> list[str]:

@@ -35,7 +35,7 @@ from ttt_bench.audio.sources import AudioItem, make_source
 from ttt_bench.config import TaskConfig, check_positive_int, check_select_and_split, _failer
 from ttt_bench.constants import FRAME_RATE, N_CODEBOOKS
 from ttt_bench.metrics import (BOOTSTRAP_SEED, CI_LEVEL, DocRecord, ModelShape, TaskMetrics, bootstrap_delta,
-                               bootstrap_ratio, evaluate_targets, prediction_mask)
+                               bootstrap_ratio, evaluate_targets, power, prediction_mask)
 from ttt_bench.registry import register_task
 from ttt_bench.tasks.base import Document, shape_of
 from ttt_bench.tasks.librilight_stream import LibriLightStreamTask
@@ -244,6 +244,7 @@ class RecallMetrics(TaskMetrics):
             "remembers A; nll_seen/nll_unseen: NLL of the final A")
     columns = ("recall_gain", "recall_gain_semantic", "recall_gain_acoustic", "nll_seen", "nll_unseen")
     delta_columns = ("recall_gain",)
+    headline = "recall_gain"
     higher_is_better = {"recall_gain*": True, "nll_seen": False, "nll_unseen": False}
 
     def __init__(self, config: RecallTaskConfig, shape: ModelShape, gap_frames: int, reach: int | None):
@@ -348,6 +349,9 @@ class RecallMetrics(TaskMetrics):
             out["delta"][name], out["ci"][name], out["stderr"][name], out["n"][name] = (
                 b["value"], b["ci"], b["stderr"], b["n"])
             out["significant"][name] = None if b["ci"] is None else bool(b["ci"][0] > 0 or b["ci"][1] < 0)
+        out.update(power({k: (na[order_a], da[order_a]) for k, (na, da) in ta.items()},
+                         {k: (nb[order_b], db[order_b]) for k, (nb, db) in tb.items()},
+                         out["significant"], self.config.targets))
         return out
 
     # -- curves, lines, plot ------------------------------------------------------------------
