@@ -85,7 +85,7 @@ def test_every_task_metrics_class_declares_a_direction_for_each_metric_it_report
     recall = RecallMetrics(RecallTaskConfig.from_dict({"task": "r"}), ModelShape(), gap_frames=10, reach=None)
     assert {name: recall.direction(name) for name in RECALL_METRICS} == {
         "recall_gain": True, "recall_gain_semantic": True, "recall_gain_acoustic": True,
-        "nll_seen": False, "nll_unseen": False}
+        "nll_seen": False, "nll_unseen": False, "recall_gain_voiced": True}
     # documents with voice activity: every voiced metric has a direction but voiced_fraction, which
     # describes the recordings (the same for every model), not a model
     voiced = linear_doc("v", 600)
