@@ -44,6 +44,27 @@ def test_run_writes_every_output(two_model_run, capsys):
     assert len(curves.files) > 0
 
 
+def test_the_sample_is_measured_on_voiced_frames_too(two_model_run):
+    """The sample's segments come from its LibriLight .json; the voiced metrics, their deltas and a
+    voiced curve per model are reported beside the others."""
+    results = json.loads((two_model_run / "results.json").read_text())
+    assert results["tasks"]["librilight_sample"]["voice_activity"] == {"source": "librilight_json",
+                                                                       "n_docs": {"librilight_json": 2}}
+    task = results["results"]["librilight_sample"]
+    for model in task.values():
+        assert 0.5 < model["voiced_fraction"] < 1 and model["n"]["voiced_mean_nll"] == 2
+        assert model["silence_mean_nll"] != model["voiced_mean_nll"]
+    assert task["ttt"]["delta_vs_baseline"]["delta"]["voiced_mean_nll"] == pytest.approx(
+        task["ttt"]["voiced_mean_nll"] - task["frozen"]["voiced_mean_nll"])
+    assert results["higher_is_better"]["librilight_sample"]["voiced_improvement"] is True
+    curves = np.load(two_model_run / "curves.npz")
+    for model in ("frozen", "ttt"):
+        voiced, count = curves[f"librilight_sample/{model}/voiced/mean"], curves[f"librilight_sample/{model}/voiced/count"]
+        assert voiced.shape == (300,) and count.max() == 2 and np.isfinite(voiced).sum() > 250
+    header = (two_model_run / "leaderboard.md").read_text().splitlines()[2]
+    assert "voiced_mean_nll" in header and "Δ voiced_improvement" in header
+
+
 def test_leaderboard_has_one_row_per_model(two_model_run):
     table = (two_model_run / "leaderboard.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "model" not in line]

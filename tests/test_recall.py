@@ -5,6 +5,7 @@ reach it copies what it sees; a model that learns while it listens gains past th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +13,14 @@ import torch
 from moshi.utils.compile import no_compile
 
 from ttt_bench.config import ConfigError
-from ttt_bench.metrics import ModelShape
+from ttt_bench.metrics import DocRecord, ModelShape, prediction_mask, voiced_frames
 from ttt_bench.registry import get_model, get_task
 from ttt_bench.reporting.run_record import ModelRecord
 from evaluate_helper import evaluate_run
 from ttt_bench.tasks.recall import RecallMetrics, RecallTaskConfig, attention_reach
 
 R = 40  # frames of A
+SAMPLE = Path(__file__).resolve().parent.parent / "ttt_bench" / "data" / "librilight_sample"
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +160,31 @@ def test_terminal_table_fits_120_columns_with_deltas_marks_and_flags(past_the_re
     mark = "*" if delta["significant"]["recall_gain"] else ""
     assert f"{delta['delta']['recall_gain']:.4f}{mark} " in dyneval
     assert "leaderboard.md" in text and "[" not in dyneval  # intervals stay in leaderboard.md
+
+
+def test_recall_gain_voiced_counts_only_the_voiced_frames_of_a(frozen, codec):
+    """A's voiced segments (the sample's .json, cut at A's end) travel with both documents of a pair;
+    a gain that lives only in A's pauses is a recall_gain but no recall_gain_voiced."""
+    docs = recall_task(frozen).documents(codec, limit=1)
+    [sidecar] = SAMPLE.rglob(docs[0].meta["pair"].rsplit("/", 1)[1] + ".json")
+    recorded = json.loads(sidecar.read_text())["voice_activity"]
+    expected = [[s, min(e, R / 12.5)] for s, e in recorded if s < R / 12.5]
+    assert all(d.meta["recall_voice_activity"] == expected for d in docs) and len(expected) >= 2
+    voiced = voiced_frames(expected, R)
+    assert 0 < voiced.sum() < R
+    config = RecallTaskConfig.from_dict({"task": "recall", "recall_frames": R})
+    metrics = RecallMetrics(config, ModelShape(), gap_frames=128, reach=128)
+    start = docs[0].meta["recall_start"]
+    records = []
+    for d in docs:
+        nll = np.full((8, d.n_frames), 3.0)
+        if d.meta["role"] == "unseen":
+            nll[:, start:][:, ~voiced] += 0.5  # the seen document is better on A's pauses only
+        records.append(DocRecord(d.doc_id, d.meta, nll))
+    row = metrics.model_metrics(metrics.summarize(records))
+    predicted = prediction_mask(docs[0].n_frames, ModelShape().delays)[:, start:]  # the last frame: codebook 0
+    assert row["recall_gain"] == pytest.approx(0.5 * predicted[:, ~voiced].sum() / predicted.sum(), rel=1e-12)
+    assert row["recall_gain_voiced"] == 0.0 and row["n"]["recall_gain_voiced"] == 1
+    without = [DocRecord(r.doc_id, {k: v for k, v in r.meta.items() if k != "recall_voice_activity"}, r.nll)
+               for r in records]
+    assert "recall_gain_voiced" not in metrics.model_metrics(metrics.summarize(without))

@@ -16,7 +16,7 @@ import pytest
 
 from test_metrics import OFFSETS, linear_doc, small_cfg
 from ttt_bench.config import ConfigError, StreamTaskConfig, TaskConfig
-from ttt_bench.metrics import DocRecord, ModelShape, StreamMetrics, compute_model_metrics
+from ttt_bench.metrics import DocRecord, ModelShape, StreamMetrics, compute_model_metrics, metric_names
 from ttt_bench.reporting.report import build_results, render_leaderboard, render_terminal, to_jsonable, write_outputs
 from ttt_bench.reporting.run_record import ModelRecord, RunRecord
 from ttt_bench.tasks.pairs import PAIR_METRICS, PairMetrics, PairTaskConfig
@@ -56,8 +56,13 @@ def test_an_invalid_target_is_refused_once_with_one_message_for_every_class(task
 
 def test_the_stream_metrics_read_their_settings_from_the_task_config():
     config = small_cfg(window=20)
-    m = compute_model_metrics([linear_doc("d", 600)], config)
+    doc = linear_doc("d", 600)
+    doc.meta["voice_activity"] = [[0.0, 10.0]]
+    m = compute_model_metrics([doc], config)
     assert set(m["n"]) == set(config.metric_names())  # the names the config validated targets against
+    # documents without voice activity: the voiced-frame metrics are not reported
+    plain = compute_model_metrics([linear_doc("d", 600)], config)
+    assert set(plain["n"]) == set(metric_names(config, voiced=False)) < set(config.metric_names())
     d = StreamMetrics(config, ModelShape(card=256)).to_dict()
     assert d["window"] == 20 and d["positions"] == [200, 400] and d["card"] == 256
     with pytest.raises(ConfigError, match="'segments' must be .*end - start >= 2"):
@@ -80,7 +85,15 @@ def test_every_task_metrics_class_declares_a_direction_for_each_metric_it_report
     recall = RecallMetrics(RecallTaskConfig.from_dict({"task": "r"}), ModelShape(), gap_frames=10, reach=None)
     assert {name: recall.direction(name) for name in RECALL_METRICS} == {
         "recall_gain": True, "recall_gain_semantic": True, "recall_gain_acoustic": True,
-        "nll_seen": False, "nll_unseen": False}
+        "nll_seen": False, "nll_unseen": False, "recall_gain_voiced": True}
+    # documents with voice activity: every voiced metric has a direction but voiced_fraction, which
+    # describes the recordings (the same for every model), not a model
+    voiced = linear_doc("v", 600)
+    voiced.meta["voice_activity"] = [[1.0, 30.0]]
+    row = stream.model_metrics(stream.summarize([voiced]))
+    assert [name for name in row["n"] if stream.direction(name) is None] == ["voiced_fraction"]
+    assert stream.direction("voiced_improvement") is True and stream.direction("voiced_nll@200") is False
+    assert stream.direction("silence_mean_nll") is False
 
 
 def _delta_results(deltas: dict[str, tuple[float, list[float]]]) -> dict:

@@ -35,6 +35,15 @@ Conventions (stable; documented here and in the README):
   ``None`` = each document's whole length; ``(a, b)`` = positions ``a <= t < b``, only documents
   with ``T >= b`` (``b = None``: up to each document's end). ``slope_{a}_{b}`` for each segment
   in ``segments`` (half-open, documents must cover it).
+* Voiced frames. A document whose ``meta["voice_activity"]`` lists its voiced segments
+  (``[[start_s, end_s], ...]`` in document time: LibriLight's ``.json``, or the energy detector of
+  ``ttt_bench.audio.voice``) has a voiced mask: frame ``t`` covers ``[t / 12.5, (t + 1) / 12.5)``
+  seconds and is voiced when at least half of that span (``VOICED_SHARE``) lies inside a segment
+  (:func:`voiced_frames`). ``voiced_mean_nll`` / ``silence_mean_nll``: ``mean_nll`` over the voiced /
+  silent frames only (frame-weighted); ``voiced_nll@P``, ``voiced_early_nll``, ``voiced_late_nll``,
+  ``voiced_improvement``: as above, the windows' means taken over their voiced frames only (a
+  window without one does not count); ``voiced_fraction``: voiced frames / frames. Reported when
+  some document carries voice activity; documents without it do not contribute.
 * Bootstrap. Every metric above is a ratio ``sum_d num_d / sum_d den_d`` over its contributing
   documents (``den_d > 0``). Documents are resampled with replacement (``bootstrap_iters``
   draws, fixed seed ``BOOTSTRAP_SEED``) among the contributing documents; percentile interval at ``CI_LEVEL``
@@ -63,12 +72,16 @@ Schema of :func:`compute_model_metrics` (``results[task][model]`` in results.jso
 
     {"baseline": "frozen", "n_docs": paired docs, "n_unpaired": docs in only one of the two,
      "delta": {metric: float | null}, "ci": {...}, "stderr": {...}, "n": {...},
-     "significant": {metric: bool | null}}   # interval excludes 0
+     "significant": {metric: bool | null},   # interval excludes 0
+     "mde": {metric: float | null},          # minimum detectable effect (power(): 80%, two-sided 5%)
+     "docs_needed": {metric: int | null},    # per target: documents to detect the target's size
+     "underpowered": {metric: bool | null}}  # per target: interval includes 0, mde > target's size
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import operator
@@ -93,6 +106,10 @@ DEGENERATE_MAX_N = 64      # n = 1 .. this for the ln(n) signature
 DEGENERATE_SPREAD = 0.05   # std below this = "almost no spread"
 DEGENERATE_FRACTION = 0.5  # this share of values at ln(n) = clustered
 CARD_TOL = 0.05            # mean NLL >= ln(card) - this = near uniform
+POWER = 0.8          # the power the minimum detectable effect is computed for
+POWER_Z = 1.959963984540054 + 0.8416212335729143  # z_0.975 + z_0.8 (two-sided 5%, power 80%)
+VOICED_SHARE = 0.5  # a frame is voiced when at least this share of its span is in a voiced segment
+VOICED_EPS = 1e-9   # seconds: float slack on that share (a segment ending exactly mid-frame counts)
 
 
 @dataclass
@@ -149,14 +166,23 @@ class ModelShape:
         return {"all": list(range(k)), "semantic": [0], "acoustic": list(range(1, k))}[group]
 
 
-def metric_names(cfg: Any, n_codebooks: int = N_CODEBOOKS) -> list[str]:
+def metric_names(cfg: Any, n_codebooks: int = N_CODEBOOKS, voiced: bool = True) -> list[str]:
     """Every long-stream metric of a task config ``cfg`` (a :class:`ttt_bench.config.StreamTaskConfig`),
-    in the stable order used in results.json and the leaderboard."""
+    in the stable order used in results.json and the leaderboard; ``voiced``: with the voiced-frame
+    metrics (documents that carry voice activity)."""
     names = ["mean_nll"] + [f"nll@{p}" for p in cfg.positions]
     names += ["early_nll", "late_nll", "improvement", "slope"]
     names += [f"slope_{a}_{b}" for a, b in cfg.segments]
     names += ["nll_semantic", "nll_acoustic"] + [f"nll_cb{k}" for k in range(n_codebooks)]
-    return names
+    return names + (voiced_metric_names(cfg) if voiced else [])
+
+
+def voiced_metric_names(cfg: Any) -> list[str]:
+    """The metrics restricted to voiced (or silent) frames: reported for documents that carry voice
+    activity (``meta["voice_activity"]``)."""
+    return (["voiced_mean_nll", "silence_mean_nll", "voiced_fraction"]
+            + [f"voiced_nll@{p}" for p in cfg.positions]
+            + ["voiced_early_nll", "voiced_late_nll", "voiced_improvement"])
 
 
 # ----------------------------------------------------------------------------- per document
@@ -179,12 +205,48 @@ class DocSummary:
     value_mean: float
     value_m2: float                 # sum of squared deviations from value_mean
     near_ln: np.ndarray             # [max_n + 1] values within tol of ln(n)
+    voiced: np.ndarray | None = None  # bool [T]: voiced frames (None: no voice activity known)
+    voiced_sum: float = 0.0         # sum and count of finite predicted values at voiced frames
+    voiced_count: int = 0
+    silence_sum: float = 0.0        # ... at silent frames
+    silence_count: int = 0
 
 
 def prediction_mask(n_frames: int, delays: Sequence[int]) -> np.ndarray:
     """Bool [K, T]: True where codebook k has a prediction (t < T - delays[k])."""
     t = np.arange(n_frames)
     return t[None, :] < (n_frames - np.asarray(delays))[:, None]
+
+
+def merge_segments(segments: Iterable[Sequence[float]]) -> list[tuple[float, float]]:
+    """Sorted, non-overlapping ``(start, end)`` seconds; empty and reversed segments dropped,
+    overlapping or touching ones joined."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted((float(a), float(b)) for a, b in segments):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def voiced_frames(segments: Iterable[Sequence[float]], n_frames: int,
+                  frame_rate: float = FRAME_RATE) -> np.ndarray:
+    """Bool [n_frames]: frame t, covering ``[t / frame_rate, (t + 1) / frame_rate)`` seconds, is
+    voiced when at least ``VOICED_SHARE`` of that span lies inside the voiced ``segments``
+    (``[[start_s, end_s], ...]``, as LibriLight's ``voice_activity``)."""
+    merged = merge_segments(segments)
+    if not merged or n_frames <= 0:
+        return np.zeros(max(n_frames, 0), dtype=bool)
+    knots = np.array(merged).reshape(-1)  # s0, e0, s1, e1, ...: voiced time before x, linear between
+    lengths = np.array([e - s for s, e in merged])
+    before = np.concatenate([[0.0], np.cumsum(lengths)])
+    values = np.stack([before[:-1], before[1:]], axis=1).reshape(-1)
+    edges = np.arange(n_frames + 1) / frame_rate
+    inside = np.diff(np.interp(edges, knots, values, left=0.0, right=float(before[-1])))
+    return inside >= VOICED_SHARE / frame_rate - VOICED_EPS
 
 
 def _near_ln_counts(values: np.ndarray) -> np.ndarray:
@@ -229,7 +291,20 @@ def summarize(record: DocRecord, shape: ModelShape = ModelShape()) -> DocSummary
         n_nonfinite=int((~finite & pred).sum() + (np.isinf(nll) & ~pred).sum()),
         n_no_prediction=int((~pred).sum()), value_count=int(flat.size), value_mean=mean,
         value_m2=float(((flat - mean) ** 2).sum()) if flat.size else 0.0,
-        near_ln=_near_ln_counts(flat))
+        near_ln=_near_ln_counts(flat), **_voiced_sums(record.meta, nll, good))
+
+
+def _voiced_sums(meta: dict | None, nll: np.ndarray, good: np.ndarray) -> dict[str, Any]:
+    """The voiced mask of a document whose ``meta`` carries ``voice_activity``, and the sums and
+    counts of its finite predicted values at voiced and at silent frames."""
+    segments = (meta or {}).get("voice_activity")
+    if segments is None:
+        return {}
+    voiced = voiced_frames(segments, nll.shape[-1])
+    values = np.where(good, nll, 0.0)
+    return {"voiced": voiced,
+            "voiced_sum": float(values[:, voiced].sum()), "voiced_count": int(good[:, voiced].sum()),
+            "silence_sum": float(values[:, ~voiced].sum()), "silence_count": int(good[:, ~voiced].sum())}
 
 
 def summarize_all(records: Iterable[DocRecord], shape: ModelShape = ModelShape()) -> list[DocSummary]:
@@ -297,7 +372,38 @@ def doc_terms(s: DocSummary, cfg: Any) -> dict[str, tuple[float, float]]:
         terms[f"nll_{group}"] = (float(g[gok].sum()), float(gok.sum()))
     for k in range(s.cb_sum.size):
         terms[f"nll_cb{k}"] = (float(s.cb_sum[k]), float(s.cb_count[k]))
+    terms.update(_voiced_terms(s, cfg))
     return terms
+
+
+def _voiced_terms(s: DocSummary, cfg: Any) -> dict[str, tuple[float, float]]:
+    """The voiced-frame metrics of one document: the definitions above, restricted to voiced
+    frames (``silence_mean_nll``: to silent ones); den 0 for a document without voice activity."""
+    names = voiced_metric_names(cfg)
+    if s.voiced is None:
+        return {name: (0.0, 0.0) for name in names}
+    c = np.where(s.voiced, s.curves["all"], np.nan)
+    terms = {"voiced_mean_nll": (s.voiced_sum, float(s.voiced_count)),
+             "silence_mean_nll": (s.silence_sum, float(s.silence_count)),
+             "voiced_fraction": (float(s.voiced.sum()), float(s.n_frames))}
+    half = cfg.window // 2
+    for p in cfg.positions:
+        reach = s.n_frames > p + half
+        terms[f"voiced_nll@{p}"] = _ratio_term(_window_mean(c, p - half, p + half + 1) if reach
+                                               else math.nan)
+    n = cfg.early_late_frames
+    if s.n_frames >= 2 * n:
+        early, late = _window_mean(c, 0, n), _window_mean(c, s.n_frames - n, s.n_frames)
+    else:
+        early = late = math.nan
+    terms["voiced_early_nll"], terms["voiced_late_nll"] = _ratio_term(early), _ratio_term(late)
+    terms["voiced_improvement"] = _ratio_term(early - late)
+    return terms
+
+
+def has_voice_activity(summaries: Sequence[DocSummary]) -> bool:
+    """Whether any document carries voice activity (then the voiced metrics are reported)."""
+    return any(s.voiced is not None for s in summaries)
 
 
 def term_arrays(summaries: Sequence[DocSummary], cfg: Any, shape: ModelShape = ModelShape()
@@ -305,7 +411,7 @@ def term_arrays(summaries: Sequence[DocSummary], cfg: Any, shape: ModelShape = M
     """metric -> (num [n_docs], den [n_docs])."""
     per_doc = [doc_terms(s, cfg) for s in summaries]
     out = {}
-    for name in metric_names(cfg, shape.n_codebooks):
+    for name in metric_names(cfg, shape.n_codebooks, voiced=has_voice_activity(summaries)):
         num = np.array([t[name][0] for t in per_doc], dtype=np.float64)
         den = np.array([t[name][1] for t in per_doc], dtype=np.float64)
         out[name] = (num, den)
@@ -376,6 +482,57 @@ def bootstrap_delta(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray,
     reps = (num_a[ia].sum(axis=1) / den_a[ia].sum(axis=1)
             - num_b[ib].sum(axis=1) / den_b[ib].sum(axis=1))
     out["ci"], out["stderr"] = _interval(reps, CI_LEVEL)
+    return out
+
+
+# ----------------------------------------------------------------------------- power
+
+
+def paired_differences(num_a: np.ndarray, den_a: np.ndarray, num_b: np.ndarray, den_b: np.ndarray
+                       ) -> np.ndarray:
+    """Per-document ``a - b`` of a metric (each document's own value ``num / den``), over the
+    documents contributing to both (arrays aligned by document)."""
+    both = (den_a > 0) & (den_b > 0)
+    return num_a[both] / den_a[both] - num_b[both] / den_b[both]
+
+
+def minimum_detectable_effect(diffs: np.ndarray) -> float | None:
+    """The smallest true difference a paired comparison over ``diffs.size`` documents detects with
+    power ``POWER`` at two-sided level ``1 - CI_LEVEL`` (normal approximation):
+    ``(z_0.975 + z_0.8) * sd(diffs) / sqrt(n)``; None with fewer than 2 documents."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    if diffs.size < 2:
+        return None
+    return float(POWER_Z * diffs.std(ddof=1) / math.sqrt(diffs.size))
+
+
+def documents_needed(diffs: np.ndarray, size: float) -> int | None:
+    """How many documents a paired comparison needs to detect a difference of ``size`` (same power
+    and level as :func:`minimum_detectable_effect`, the sd of these ``diffs``):
+    ``ceil(((z_0.975 + z_0.8) * sd / size) ** 2)``, at least 2; None without an sd or for size 0."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    if diffs.size < 2 or size == 0:
+        return None
+    return max(2, math.ceil((POWER_Z * float(diffs.std(ddof=1)) / abs(size)) ** 2))
+
+
+def power(terms_a: dict[str, tuple[np.ndarray, np.ndarray]], terms_b: dict[str, tuple[np.ndarray, np.ndarray]],
+          significant: dict[str, bool | None], targets: dict[str, str]) -> dict[str, Any]:
+    """``mde`` of every delta, and for each metric with a target: ``docs_needed`` to detect a
+    difference of the target's size (its bound, e.g. 0.05 for ``improvement > 0.05``) and
+    ``underpowered``: the interval includes 0 while the MDE exceeds that size (a null result that
+    says nothing about an effect of that size); None where it cannot be told."""
+    diffs = {name: paired_differences(*terms_a[name], *terms_b[name]) for name in terms_a if name in terms_b}
+    out: dict[str, Any] = {"mde": {name: minimum_detectable_effect(d) for name, d in diffs.items()},
+                           "docs_needed": {}, "underpowered": {}}
+    for name, spec in targets.items():
+        if name not in diffs:
+            continue
+        size = abs(parse_target(spec)[1])
+        mde = out["mde"][name]
+        out["docs_needed"][name] = documents_needed(diffs[name], size)
+        out["underpowered"][name] = (None if mde is None or significant.get(name) is None
+                                     else bool(not significant[name] and mde > size))
     return out
 
 
@@ -481,19 +638,29 @@ def raise_on_flags(results: dict[str, dict[str, dict]]) -> None:
 def mean_curves_from_summaries(summaries: Sequence[DocSummary]
                                ) -> dict[str, dict[str, np.ndarray]]:
     t_max = max((s.n_frames for s in summaries), default=0)
-    out = {}
-    for group in GROUPS:
-        total = np.zeros(t_max)
-        count = np.zeros(t_max, dtype=np.int64)
-        for s in summaries:
-            c = s.curves[group]
-            ok = np.isfinite(c)
-            total[: c.size] += np.where(ok, c, 0.0)
-            count[: c.size] += ok
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        out[group] = {"mean": mean, "count": count}
-    return out
+    return {group: _mean_curve(summaries, group, t_max) for group in GROUPS}
+
+
+def _mean_curve(summaries: Sequence[DocSummary], group: str, t_max: int) -> dict[str, np.ndarray]:
+    total = np.zeros(t_max)
+    count = np.zeros(t_max, dtype=np.int64)
+    for s in summaries:
+        c = s.curves[group]
+        ok = np.isfinite(c)
+        total[: c.size] += np.where(ok, c, 0.0)
+        count[: c.size] += ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return {"mean": mean, "count": count}
+
+
+def mean_voiced_curve(summaries: Sequence[DocSummary]) -> dict[str, np.ndarray]:
+    """``{"mean", "count"}`` of the "all" curve restricted to voiced frames: at each position the
+    mean over the documents voiced there (equal weight), and how many are."""
+    voiced = [dataclasses.replace(s, curves={"all": np.where(s.voiced, s.curves["all"], np.nan)})
+              for s in summaries if s.voiced is not None]
+    t_max = max((s.n_frames for s in summaries), default=0)
+    return _mean_curve(voiced, "all", t_max)
 
 
 def mean_curves(records: Sequence[DocRecord], shape: ModelShape = ModelShape()
@@ -563,6 +730,7 @@ def deltas_from_summaries(model: Sequence[DocSummary], base: Sequence[DocSummary
     out["n"] = {k: r["n"] for k, r in res.items()}
     out["significant"] = {k: None if r["ci"] is None else not r["ci"][0] <= 0 <= r["ci"][1]
                           for k, r in res.items()}
+    out.update(power(ta, tb, out["significant"], cfg.targets))
     return out
 
 
@@ -577,8 +745,10 @@ def compare_to_baseline(records_model: Sequence[DocRecord],
 def per_document_metrics(s: DocSummary, cfg: Any) -> dict[str, float | None]:
     """That document's own value of every metric (None where it does not contribute)."""
     out = {}
+    skip = set() if s.voiced is not None else set(voiced_metric_names(cfg))
     for name, (num, den) in doc_terms(s, cfg).items():
-        out[name] = num / den if den > 0 else None
+        if name not in skip:
+            out[name] = num / den if den > 0 else None
     out["n_nonfinite"] = s.n_nonfinite
     return out
 
@@ -604,8 +774,10 @@ class TaskMetrics(ABC):
     count_key: ClassVar[str] = "n_docs"  # the metric counting them
     count_header: ClassVar[str] = "docs"  # its leaderboard column
     note: str = ""  # what the leaderboard's footnote says about the columns
+    column_notes: ClassVar[dict[str, str]] = {}  # column pattern -> footnote, when such a column is shown
     columns: ClassVar[tuple[str, ...]] = ()        # leaderboard columns; "name*" = every "name..."
     delta_columns: ClassVar[tuple[str, ...]] = ()  # metrics shown as Δ vs the baseline
+    headline: ClassVar[str | None] = None  # the delta whose MDE the footnote states (None: the first)
     loss_curves: ClassVar[bool] = False  # its documents go into the loss-vs-position plot
     # metric (or "name*" pattern) -> True: higher is better, False: lower is better. Every metric
     # with an estimate and an interval has one; counts and speeds have none.
@@ -665,7 +837,9 @@ class TaskMetrics(ABC):
     def leaderboard_spec(self) -> dict[str, Any]:
         """What the leaderboard shows (stored in results.json, so merged runs render alike)."""
         return {"columns": list(self.columns), "delta_columns": list(self.delta_columns), "unit": self.unit,
-                "count_key": self.count_key, "count_header": self.count_header, "note": self.note}
+                "count_key": self.count_key, "count_header": self.count_header, "note": self.note,
+                "column_notes": dict(self.column_notes),
+                "headline": self.headline or next(iter(self.delta_columns), None)}
 
 
 class StreamMetrics(TaskMetrics):
@@ -673,15 +847,26 @@ class StreamMetrics(TaskMetrics):
     :class:`ttt_bench.config.StreamTaskConfig` (``positions``, ``window``, ``early_late_frames``,
     ``slope_range``, ``segments``, ``bootstrap_iters``, ``targets``)."""
 
-    columns = ("mean_nll", "nll@*", "early_nll", "late_nll", "improvement", "slope")
-    delta_columns = ("mean_nll", "late_nll", "improvement", "slope")
+    columns = ("mean_nll", "voiced_mean_nll", "silence_mean_nll", "nll@*", "early_nll", "late_nll",
+               "voiced_late_nll", "improvement", "voiced_improvement", "slope", "voiced_fraction")
+    delta_columns = ("mean_nll", "voiced_mean_nll", "late_nll", "voiced_late_nll", "improvement",
+                     "voiced_improvement", "slope")
     note = "(n=k): only k documents reach that position; slopes in nats per frame"
+    column_notes = {"voiced_*": ("voiced_* / silence_*: the same metric over the voiced / silent frames "
+                                 "only (the documents' voice activity); voiced_fraction: their share of "
+                                 "voiced frames")}
     loss_curves = True
+    headline = "improvement"  # does the loss go down over the stream, more than the baseline's?
+    # voiced_fraction describes the recordings, not the model: it has no direction
     higher_is_better = {"improvement": True, "mean_nll": False, "nll@*": False, "early_nll": False,
-                        "late_nll": False, "slope*": False, "nll_*": False}
+                        "late_nll": False, "slope*": False, "nll_*": False, "voiced_improvement": True,
+                        "voiced_mean_nll": False, "silence_mean_nll": False, "voiced_nll@*": False,
+                        "voiced_early_nll": False, "voiced_late_nll": False}
     _config_keys = {"nll@*": "positions (or window)", "early_nll": "early_late_frames",
                     "late_nll": "early_late_frames", "improvement": "early_late_frames",
-                    "slope_*": "segments", "slope": "slope_range"}
+                    "slope_*": "segments", "slope": "slope_range", "voiced_nll@*": "positions (or window)",
+                    "voiced_early_nll": "early_late_frames", "voiced_late_nll": "early_late_frames",
+                    "voiced_improvement": "early_late_frames"}
 
     def __init__(self, config: Any, shape: ModelShape = ModelShape()):
         self.config = config
@@ -716,6 +901,10 @@ class StreamMetrics(TaskMetrics):
             prefix = key if group == "all" else f"{key}/{group}"
             arrays[f"{prefix}/mean"] = c["mean"].astype(np.float32)
             arrays[f"{prefix}/count"] = c["count"].astype(np.int32)
+        if has_voice_activity(summary):
+            voiced = mean_voiced_curve(summary)
+            arrays[f"{key}/voiced/mean"] = voiced["mean"].astype(np.float32)
+            arrays[f"{key}/voiced/count"] = voiced["count"].astype(np.int32)
         arrays[f"{key}/doc_ids"] = np.array([d.doc_id for d in summary], dtype=str)
         for i, d in enumerate(summary):
             arrays[f"{key}/doc/{i}"] = d.curves["all"].astype(np.float32)

@@ -77,7 +77,8 @@ def resolve_path(path: str | Path, what: str = "path") -> Path:
 
 
 def librilight_meta(raw: dict[str, Any] | None) -> dict[str, Any]:
-    """The useful part of a LibriLight ``.json`` (voice activity is summarised, not copied)."""
+    """The useful part of a LibriLight ``.json``: speaker, title, authors, snr, and the voiced
+    segments (``voice_activity``, seconds rounded to the millisecond) with their total ``voice_s``."""
     raw = raw or {}
     out: dict[str, Any] = {}
     if "speaker" in raw:
@@ -93,6 +94,7 @@ def librilight_meta(raw: dict[str, Any] | None) -> dict[str, Any]:
         out["snr"] = float(raw["snr"])
     if raw.get("voice_activity"):
         out["voice_s"] = round(sum(float(e) - float(s) for s, e in raw["voice_activity"]), 2)
+        out["voice_activity"] = [[round(float(s), 3), round(float(e), 3)] for s, e in raw["voice_activity"]]
     return out
 
 

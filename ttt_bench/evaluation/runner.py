@@ -38,7 +38,7 @@ from ttt_bench.evaluation import series as series_resume
 from ttt_bench.evaluation.records import DocFailure, LogEntry, RecordStore, config_hash
 from ttt_bench.options import RunOptions
 from ttt_bench.reporting.run_record import ModelRecord, RunRecord
-from ttt_bench.tasks.base import Document, shape_of
+from ttt_bench.tasks.base import Document, shape_of, voice_sources
 from ttt_bench.version import __version__
 from ttt_bench.evaluation.verify import CausalityError, VerificationError, verify_causality, verify_scorer
 
@@ -176,6 +176,8 @@ def plan_task(name: str, task, codec, scorers: dict[str, Any], spec: RunOptions,
             "data": {"source": task.source_spec, "doc_ids": [d.doc_id for d in docs],
                      "n_frames": [d.n_frames for d in docs]},
             "codec": codec.hash}
+    if voice_sources(docs) is not None:  # long-stream tasks: where the voiced segments came from
+        info["voice_activity"] = voice_sources(docs)
     return TaskPlan(name, config, docs, layout, task_scorers, task.metrics(next(iter(scorers.values())).lm),
                     info, [asdict(s) for s in task.skipped])
 

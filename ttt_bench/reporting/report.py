@@ -23,6 +23,8 @@ the "all" group)::
 
     {task}/{model}/mean, {task}/{model}/count              mean NLL per position, documents
     {task}/{model}/{group}/mean, {task}/{model}/{group}/count
+    {task}/{model}/voiced/mean, {task}/{model}/voiced/count  the same over voiced frames
+                                                           (documents with voice activity)
     {task}/{model}/doc_ids                                 str [n_docs]
     {task}/{model}/doc/{i}                                 float32 [T_i], document i's curve
     frame_rate                                             frames per second (12.5)
@@ -366,7 +368,7 @@ def _fps(v: float | None) -> str:
 def _task_table(task: str, models: dict[str, dict], info: dict[str, dict], baseline: str | None,
                 spec: dict[str, Any], directions: dict[str, bool], warnings: list[dict]) -> list[str]:
     cols = _metric_columns(models, spec["columns"])
-    deltas = list(spec["delta_columns"])
+    deltas = _delta_columns(models, spec)
     count_key = spec["count_key"]
     has_delta = baseline is not None and baseline in models
     headers = ["model"] + cols
@@ -393,15 +395,35 @@ def _task_table(task: str, models: dict[str, dict], info: dict[str, dict], basel
     lines = [f"### {task}", "", tabulate(rows, headers=headers, tablefmt="github",
                                          disable_numparse=True), ""]
     notes += [f"Warning: {w['message']}." for w in warnings]
-    lines += _footnotes(models, baseline if has_delta else None, notes, spec,
+    lines += _footnotes(models, baseline if has_delta else None, notes,
+                        {**spec, "note": _column_note(cols, spec)},
                         any(c in directions for c in deltas))
     return lines
 
 
+def _delta_columns(models: dict[str, dict], spec: dict[str, Any]) -> list[str]:
+    """The spec's delta columns that the rows estimate (voiced ones only where documents carry
+    voice activity)."""
+    estimated = set(_estimated(models))
+    return [c for c in spec["delta_columns"] if c in estimated]
+
+
+def _column_note(cols: list[str], spec: dict[str, Any]) -> str:
+    """The spec's note, and the notes of the column patterns that the table shows."""
+    notes = [spec.get("note") or ""] + [
+        note for pattern, note in (spec.get("column_notes") or {}).items()
+        if any(c.startswith(pattern[:-1]) if pattern.endswith("*") else c == pattern for c in cols)]
+    return "; ".join(n for n in notes if n)
+
+
 def delta_mark(d: dict, metric: str, directions: dict[str, bool]) -> str:
     """``*`` when the delta's interval excludes 0, followed by ``better`` or ``worse`` when the
-    metric has a direction (``higher_is_better``): which side of 0 the interval lies on."""
+    metric has a direction (``higher_is_better``): which side of 0 the interval lies on;
+    ``underpowered`` when it includes 0 but the run could not have detected a difference of the
+    metric's target size (``underpowered`` in results.json)."""
     ci = (d.get("ci") or {}).get(metric)
+    if (d.get("underpowered") or {}).get(metric):
+        return " underpowered"
     if not (d.get("significant") or {}).get(metric) or ci is None:
         return ""
     if metric not in directions:
@@ -431,8 +453,28 @@ def _footnotes(models: dict[str, dict], baseline: str | None, notes: list[str],
                    "* = the interval excludes 0" + ("; better / worse = the change is an improvement / a "
                                                     "degradation of that metric (`higher_is_better` in "
                                                     "results.json)." if directed else "."))
+        out += _power_notes(models, spec)
     out += notes
     return [line + "  " for line in out[:-1]] + out[-1:] + [""]
+
+
+def _power_notes(models: dict[str, dict], spec: dict[str, Any]) -> list[str]:
+    """The minimum detectable effect of the headline delta per model, and what "underpowered" says
+    where a row has it."""
+    metric, unit = spec.get("headline"), spec["unit"]
+    found = [(name, m["delta_vs_baseline"]) for name, m in models.items() if m.get("delta_vs_baseline")]
+    mdes = [(name, d) for name, d in found if (d.get("mde") or {}).get(metric) is not None]
+    out = []
+    if mdes:
+        parts = ", ".join(f"{name} {_fmt(metric, d['mde'][metric])} (n={d['n'][metric]})" for name, d in mdes)
+        out.append(f"MDE of Δ {metric} (the smallest difference this run detects with 80% power at a two-sided "
+                   f"5% level, paired over {unit}: (z_0.975 + z_0.8) × sd of the per-{unit[:-1]} differences / "
+                   f"√n): {parts}.")
+    if any(any((d.get("underpowered") or {}).values()) for _, d in found):
+        out.append(f"underpowered = the interval includes 0 but the MDE exceeds the target's size: no effect "
+                   f"was detected, and none of that size could have been; `docs_needed` in results.json says how "
+                   f"many {unit} would do.")
+    return out
 
 
 def _group_table(group: str, models: dict[str, dict], info: dict[str, dict], members: list[str]) -> list[str]:
@@ -654,7 +696,7 @@ def _terminal_task(task: str, models: dict[str, dict], info: dict[str, dict], ba
     """Estimates, Δ vs the baseline with its significance mark and flags; columns dropped from the
     right (estimates first, then deltas) until the table fits ``width``."""
     cols = _metric_columns(models, spec["columns"])
-    deltas = list(spec["delta_columns"]) if baseline is not None and baseline in models else []
+    deltas = _delta_columns(models, spec) if baseline is not None and baseline in models else []
     while True:
         headers = ["model"] + cols + [f"Δ {c}" for c in deltas] + [spec["count_header"], "flags"]
         rows = _terminal_rows(models, info, baseline, cols, deltas, spec["count_key"], directions)

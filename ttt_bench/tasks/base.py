@@ -75,6 +75,19 @@ class Task:
         return StreamMetrics(self.config, shape_of(lm))
 
 
+def voice_sources(docs: list[Document]) -> dict[str, Any] | None:
+    """Where the documents' voiced segments came from (``tasks[task]["voice_activity"]`` in
+    results.json): ``source`` (``librilight_json``, ``energy``, or ``mixed``) and ``n_docs`` per
+    source; None when no document carries voice activity (pair tasks)."""
+    counts: dict[str, int] = {}
+    for d in docs:
+        if "voice_source" in d.meta:
+            counts[d.meta["voice_source"]] = counts.get(d.meta["voice_source"], 0) + 1
+    if not counts:
+        return None
+    return {"source": next(iter(counts)) if len(counts) == 1 else "mixed", "n_docs": counts}
+
+
 def shape_of(lm: Any) -> ModelShape:
     """The shape the metrics need of a moshi ``LMModel``: its card and its audio codebooks' delays."""
     return ModelShape(card=int(lm.card), delays=tuple(audio_delays(lm)))

@@ -9,6 +9,14 @@ chapter, as it does when the chapters are evaluated one by one.
 
 Bad input (does not decode, empty, too short) is skipped with its id and reason in
 ``task.skipped``, or raises ValueError with ``on_bad_input="fail"``.
+
+Voice activity: every document carries its voiced segments in document time,
+``meta["voice_activity"]`` (``[[start_s, end_s], ...]``), and where they came from,
+``meta["voice_source"]``: ``librilight_json`` (the recording's LibriLight ``.json``) or ``energy``
+(``ttt_bench.audio.voice.energy_segments`` on the decoded audio, for recordings without one). In a
+joined book each chapter's segments are shifted by the chapter's start in the stream (its first
+frame / 12.5 s) and cut at the stream's end. The metadata is persisted with each scored document,
+so ``--resume`` keeps it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from ttt_bench.audio.cache import CacheEntry, hash_bytes
 from ttt_bench.audio.codec import MimiCodec
 from ttt_bench.audio.decode import DecodeError, frames_for_seconds, iter_audio_24k, probe
 from ttt_bench.audio.sources import AudioItem, Selection, librilight_split_source, make_source
+from ttt_bench.audio.voice import SOURCE_ENERGY, SOURCE_JSON, energy_segments
 from ttt_bench.constants import FRAME_RATE, FRAME_SIZE
 from ttt_bench.registry import register_task
 from ttt_bench.tasks.base import Document, Skipped, Task
@@ -225,7 +234,23 @@ class LibriLightStreamTask(Task):
                "stream_s": round(codes.shape[-1] / FRAME_RATE, 3),
                "truncated": bool(codes.shape[-1] < full_frames),
                "files": [u.item.item_id for u in units]}
+        out.update(self._voice_activity(units, int(codes.shape[-1])))
         return Document(doc_id, codes, out)
+
+    def _voice_activity(self, units: list[_Unit], n_frames: int) -> dict[str, Any]:
+        """The voiced segments of the joined units in document time (each unit's shifted by its
+        start, cut at the stream's end) and their source (``+``-joined when the units differ)."""
+        segments: list[list[float]] = []
+        sources: list[str] = []
+        start, end = 0, n_frames / FRAME_RATE
+        for unit in units:
+            offset = start / FRAME_RATE
+            own, source = unit_segments(unit, self._max_samples(unit))
+            sources.append(source)
+            segments += [[round(s + offset, 3), round(min(e + offset, end), 3)] for s, e in own
+                         if s + offset < end]
+            start += int(unit.entry.codes.shape[-1])
+        return {"voice_activity": segments, "voice_source": "+".join(dict.fromkeys(sources))}
 
     def _skip(self, item: AudioItem, reason: str) -> None:
         where = item.meta.get("path") or item.meta.get("key") or item.meta.get("source", "")
@@ -238,6 +263,15 @@ class LibriLightStreamTask(Task):
                              "--on_bad_input skip to skip it and report it in results.json")
         logger.warning("skipping %s (%s): %s", doc_id, where, reason)
         self.skipped.append(Skipped(doc_id, reason))
+
+
+def unit_segments(unit: _Unit, max_samples: int | None = None) -> tuple[list[list[float]], str]:
+    """One recording's voiced segments (seconds from its start) and their source: its LibriLight
+    ``.json``, else the energy detector on its decoded audio (up to ``max_samples`` at 24 kHz)."""
+    recorded = unit.item.meta.get("voice_activity")
+    if recorded is not None:
+        return [list(seg) for seg in recorded], SOURCE_JSON
+    return energy_segments(iter_audio_24k(unit.data, max_samples=max_samples)), SOURCE_ENERGY
 
 
 @register_task("librilight_stream_book")

@@ -34,7 +34,7 @@ from ttt_bench.audio.decode import DecodeError, frames_for_seconds, iter_audio_2
 from ttt_bench.audio.sources import _local_or_as_is, reading
 from ttt_bench.config import ConfigError, TaskConfig, _failer
 from ttt_bench.metrics import (CI_LEVEL, BOOTSTRAP_SEED, DocRecord, ModelShape, TaskMetrics, bootstrap_delta,
-                               bootstrap_ratio, evaluate_targets, flags_from_summaries, summarize_all)
+                               bootstrap_ratio, evaluate_targets, flags_from_summaries, power, summarize_all)
 from ttt_bench.constants import FRAME_RATE
 from ttt_bench.registry import register_task
 from ttt_bench.tasks.base import Document, Skipped, Task, shape_of
@@ -404,11 +404,11 @@ class PairMetrics(TaskMetrics):
         common = [k for k in mine if k in theirs]
         a, b = self._arrays([mine[k] for k in common]), self._arrays([theirs[k] for k in common])
         res = {name: bootstrap_delta(*a[name], *b[name], self.config.bootstrap_iters, paired=True) for name in a}
+        significant = {k: None if r["ci"] is None else not r["ci"][0] <= 0 <= r["ci"][1] for k, r in res.items()}
         return {"n_pairs": len(common), "n_unpaired": len(mine) + len(theirs) - 2 * len(common),
                 "delta": {k: r["value"] for k, r in res.items()}, "ci": {k: r["ci"] for k, r in res.items()},
                 "stderr": {k: r["stderr"] for k, r in res.items()}, "n": {k: r["n"] for k, r in res.items()},
-                "significant": {k: None if r["ci"] is None else not r["ci"][0] <= 0 <= r["ci"][1]
-                                for k, r in res.items()}}
+                "significant": significant, **power(a, b, significant, self.config.targets)}
 
     def sample_lines(self, summary: PairScores) -> Iterable[dict[str, Any]]:
         for p in summary.pairs:

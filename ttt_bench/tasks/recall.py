@@ -9,7 +9,10 @@ so the two copies of A are identical codes):
 
 Only the final A is scored. ``recall_gain = NLL(final A | unseen) - NLL(final A | seen)`` per
 pair (nats; > 0: the model remembers A), with a bootstrap interval over pairs, per codebook
-group, and as a curve over the final A.
+group, and as a curve over the final A. ``recall_gain_voiced``: the same over A's voiced frames
+only (``meta["recall_voice_activity"]``: recording i's voiced segments within A, from its LibriLight
+``.json`` or the energy detector; the frame rule of ``ttt_bench.metrics.voiced_frames``), so that a
+gain that lives in A's pauses shows as such.
 
 Attention reaches further than one window: each layer looks ``context`` frames back at the
 previous layer's outputs, so information travels up to the sum of the layers' contexts (the
@@ -35,16 +38,17 @@ from ttt_bench.audio.sources import AudioItem, make_source
 from ttt_bench.config import TaskConfig, check_positive_int, check_select_and_split, _failer
 from ttt_bench.constants import FRAME_RATE, N_CODEBOOKS
 from ttt_bench.metrics import (BOOTSTRAP_SEED, CI_LEVEL, DocRecord, ModelShape, TaskMetrics, bootstrap_delta,
-                               bootstrap_ratio, evaluate_targets, prediction_mask)
+                               bootstrap_ratio, evaluate_targets, power, prediction_mask, voiced_frames)
 from ttt_bench.registry import register_task
 from ttt_bench.tasks.base import Document, shape_of
-from ttt_bench.tasks.librilight_stream import LibriLightStreamTask
+from ttt_bench.tasks.librilight_stream import LibriLightStreamTask, unit_segments
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("seen", "unseen")
 GAIN_GROUPS = {"recall_gain": None, "recall_gain_semantic": [0], "recall_gain_acoustic": list(range(1, N_CODEBOOKS))}
-RECALL_METRICS = (*GAIN_GROUPS, *(f"nll_{role}" for role in ROLES))
+VOICED_GAIN = "recall_gain_voiced"  # recall_gain over A's voiced frames only
+RECALL_METRICS = (*GAIN_GROUPS, *(f"nll_{role}" for role in ROLES), VOICED_GAIN)
 ZERO_TOLERANCE = 1e-6  # nats: an attention-only model past its reach gains exactly 0
 
 
@@ -94,6 +98,7 @@ class _Pool:
         self.task, self.items, self.codec = task, items, codec
         self.min_frames, self.max_frames = min_frames, max_frames
         self.recordings: list[tuple[str, torch.Tensor]] = []
+        self.segments: dict[str, list[list[float]]] = {}  # recording -> its voiced segments
         self.exhausted = False
 
     def _pull(self) -> bool:
@@ -110,6 +115,7 @@ class _Pool:
                 self.task._skip(item, f"too short: {codes.shape[-1]} frames < recall_frames {self.min_frames}")
                 continue
             self.recordings.append((item.item_id, codes))
+            self.segments[item.item_id] = unit_segments(unit, self.task._max_samples(unit))[0]
             return True
         self.exhausted = True
         return False
@@ -198,8 +204,10 @@ class LibriLightRecallTask(LibriLightStreamTask):
         other_id, other = pool[i + 1]
         filler, filler_ids = pool.filler(i + 2, i, gap)
         a = a[..., :frames]
+        end = frames / FRAME_RATE
+        voiced = [[s, min(e, end)] for s, e in pool.segments[a_id] if s < end]
         meta = {"source": self.source_spec.get("type", ""), "pair": a_id, "recall_start": frames + gap,
-                "recall_frames": frames, "gap_frames": gap, "filler": filler_ids}
+                "recall_frames": frames, "gap_frames": gap, "filler": filler_ids, "recall_voice_activity": voiced}
         out = []
         for role, first, first_id in (("seen", a, a_id), ("unseen", other[..., :frames], other_id)):
             codes = torch.cat([first, filler, a], dim=-1)
@@ -222,6 +230,7 @@ class RecallPair:
     seen: np.ndarray  # float64 [K, R]: NLL of the final A after A
     unseen: np.ndarray  # after A'
     mask: np.ndarray  # bool [K, R]: predicted and finite in both
+    voiced: np.ndarray | None = None  # bool [R]: A's voiced frames (None: no voice activity known)
 
 
 @dataclass
@@ -242,8 +251,9 @@ class RecallMetrics(TaskMetrics):
     count_header = "pairs"
     note = ("recall_gain = NLL(final A | unseen) − NLL(final A | seen), nats per value; > 0: the model "
             "remembers A; nll_seen/nll_unseen: NLL of the final A")
-    columns = ("recall_gain", "recall_gain_semantic", "recall_gain_acoustic", "nll_seen", "nll_unseen")
-    delta_columns = ("recall_gain",)
+    columns = ("recall_gain", VOICED_GAIN, "recall_gain_semantic", "recall_gain_acoustic", "nll_seen", "nll_unseen")
+    delta_columns = ("recall_gain", VOICED_GAIN)
+    headline = "recall_gain"
     higher_is_better = {"recall_gain*": True, "nll_seen": False, "nll_unseen": False}
 
     def __init__(self, config: RecallTaskConfig, shape: ModelShape, gap_frames: int, reach: int | None):
@@ -259,8 +269,11 @@ class RecallMetrics(TaskMetrics):
 
     def summarize(self, records: Sequence[DocRecord]) -> RecallSummary:
         by_pair: dict[str, dict[str, np.ndarray]] = {}
+        voiced: dict[str, np.ndarray] = {}
         n_nonfinite = 0
         for r in records:
+            if r.meta.get("recall_voice_activity") is not None:
+                voiced[str(r.meta["pair"])] = voiced_frames(r.meta["recall_voice_activity"], int(r.meta["recall_frames"]))
             nll = np.asarray(r.nll, dtype=np.float64)
             start, frames = int(r.meta["recall_start"]), int(r.meta["recall_frames"])
             predicted = prediction_mask(nll.shape[-1], self.shape.delays)[:, start:start + frames]
@@ -273,7 +286,7 @@ class RecallMetrics(TaskMetrics):
                 unpaired.append(pair)
                 continue
             mask = np.isfinite(roles["seen"]) & np.isfinite(roles["unseen"])
-            pairs.append(RecallPair(pair, roles["seen"], roles["unseen"], mask))
+            pairs.append(RecallPair(pair, roles["seen"], roles["unseen"], mask, voiced.get(pair)))
         return RecallSummary(pairs, unpaired, len(records), int(sum(np.asarray(r.nll).shape[-1] for r in records)),
                              float(sum(r.seconds or 0.0 for r in records)), n_nonfinite)
 
@@ -287,6 +300,10 @@ class RecallMetrics(TaskMetrics):
         for role in ROLES:
             out[f"nll_{role}"] = (np.array([np.where(p.mask, getattr(p, role), 0.0).sum() for p in s.pairs]),
                                   np.array([p.mask.sum() for p in s.pairs], dtype=np.float64))
+        if any(p.voiced is not None for p in s.pairs):
+            masks = [p.mask & p.voiced[None, :] if p.voiced is not None else np.zeros_like(p.mask) for p in s.pairs]
+            out[VOICED_GAIN] = (np.array([np.where(m, p.unseen - p.seen, 0.0).sum() for p, m in zip(s.pairs, masks)]),
+                                np.array([m.sum() for m in masks], dtype=np.float64))
         return out
 
     # -- results ------------------------------------------------------------------------------
@@ -342,12 +359,15 @@ class RecallMetrics(TaskMetrics):
         ta, tb = self._terms(s), self._terms(base)
         out: dict[str, Any] = {"n_pairs": len(shared), "n_unpaired": len(s.pairs) + len(base.pairs) - 2 * len(shared),
                                "delta": {}, "ci": {}, "stderr": {}, "n": {}, "significant": {}}
-        for name in ta:
+        for name in [n for n in ta if n in tb]:  # recall_gain_voiced: where both carry voice activity
             (na, da), (nb, db) = ta[name], tb[name]
             b = bootstrap_delta(na[order_a], da[order_a], nb[order_b], db[order_b], self.config.bootstrap_iters)
             out["delta"][name], out["ci"][name], out["stderr"][name], out["n"][name] = (
                 b["value"], b["ci"], b["stderr"], b["n"])
             out["significant"][name] = None if b["ci"] is None else bool(b["ci"][0] > 0 or b["ci"][1] < 0)
+        out.update(power({k: (na[order_a], da[order_a]) for k, (na, da) in ta.items()},
+                         {k: (nb[order_b], db[order_b]) for k, (nb, db) in tb.items()},
+                         out["significant"], self.config.targets))
         return out
 
     # -- curves, lines, plot ------------------------------------------------------------------
