@@ -132,7 +132,7 @@ def test_lora_run_scores_each_checkpoint_as_alone_and_loads_the_base_once(base, 
     assert loads.count == 1 + len(STEPS)  # one per checkpoint evaluated alone: the counter counts
 
     series = results["series"][TASK]["frozen"]
-    assert set(series) >= {"mean_nll", "late_nll", "improvement"}
+    assert set(series) >= {"mean_nll", "late_nll", "improvement", "voiced_improvement"}
     assert [p[0] for p in series["mean_nll"]] == list(STEPS)
     for step, value, low, high in series["mean_nll"]:
         assert value == pytest.approx(got[f"frozen@{step}"]) and low <= value <= high

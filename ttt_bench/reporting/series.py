@@ -2,8 +2,8 @@
 
 From a written results.json whose models carry a ``step`` (the checkpoints of a run, named
 ``<model>@<step>``): ``series[task][model][metric]`` = ``[[step, value, low, high], ...]`` for
-each headline metric (long-stream: mean_nll, late_nll, improvement, nll@P; pair tasks: acc;
-recall: recall_gain), a table per task with one row per step (values with their intervals, and
+each headline metric (long-stream: mean_nll, late_nll, improvement, voiced_improvement, nll@P;
+pair tasks: acc; recall: recall_gain), a table per task with one row per step (values with their intervals, and
 the delta to the baseline), ``<task>_vs_step.png``/``.svg`` (each headline metric against the
 step with its bootstrap band), and the trackers' scalars of each checkpoint at its own step.
 
@@ -20,7 +20,8 @@ from typing import Any, Mapping
 
 logger = logging.getLogger(__name__)
 
-HEADLINE = ("mean_nll", "late_nll", "improvement", "nll@*", "acc", "recall_gain")
+HEADLINE = ("mean_nll", "late_nll", "improvement", "voiced_improvement", "nll@*", "acc",
+            "recall_gain")
 PREFIX = "ttt_bench"
 
 
