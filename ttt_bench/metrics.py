@@ -350,18 +350,7 @@ def doc_terms(s: DocSummary, cfg: Any) -> dict[str, tuple[float, float]]:
     c = s.curves["all"]
     terms: dict[str, tuple[float, float]] = {}
     terms["mean_nll"] = (float(s.cb_sum.sum()), float(s.cb_count.sum()))
-    half = cfg.window // 2
-    for p in cfg.positions:
-        reach = s.n_frames > p + half
-        terms[f"nll@{p}"] = _ratio_term(_window_mean(c, p - half, p + half + 1) if reach
-                                        else math.nan)
-    n = cfg.early_late_frames
-    if s.n_frames >= 2 * n:
-        early, late = _window_mean(c, 0, n), _window_mean(c, s.n_frames - n, s.n_frames)
-    else:
-        early = late = math.nan
-    terms["early_nll"], terms["late_nll"] = _ratio_term(early), _ratio_term(late)
-    terms["improvement"] = _ratio_term(early - late)
+    terms.update(_position_terms(c, s.n_frames, cfg))
     bounds = _slope_bounds(s, cfg.slope_range)
     terms["slope"] = _sxy_sxx(c, *bounds) if bounds else (0.0, 0.0)
     for a, b in cfg.segments:
@@ -386,18 +375,27 @@ def _voiced_terms(s: DocSummary, cfg: Any) -> dict[str, tuple[float, float]]:
     terms = {"voiced_mean_nll": (s.voiced_sum, float(s.voiced_count)),
              "silence_mean_nll": (s.silence_sum, float(s.silence_count)),
              "voiced_fraction": (float(s.voiced.sum()), float(s.n_frames))}
+    terms.update(_position_terms(c, s.n_frames, cfg, prefix="voiced_"))
+    return terms
+
+
+def _position_terms(c: np.ndarray, n_frames: int, cfg: Any,
+                    prefix: str = "") -> dict[str, tuple[float, float]]:
+    """``nll@P``, ``early_nll``, ``late_nll`` and ``improvement`` of one document's per-frame
+    curve ``c`` (NaN = frame left out), each name with ``prefix``."""
+    terms: dict[str, tuple[float, float]] = {}
     half = cfg.window // 2
     for p in cfg.positions:
-        reach = s.n_frames > p + half
-        terms[f"voiced_nll@{p}"] = _ratio_term(_window_mean(c, p - half, p + half + 1) if reach
-                                               else math.nan)
+        reach = n_frames > p + half
+        terms[f"{prefix}nll@{p}"] = _ratio_term(_window_mean(c, p - half, p + half + 1) if reach
+                                                else math.nan)
     n = cfg.early_late_frames
-    if s.n_frames >= 2 * n:
-        early, late = _window_mean(c, 0, n), _window_mean(c, s.n_frames - n, s.n_frames)
+    if n_frames >= 2 * n:
+        early, late = _window_mean(c, 0, n), _window_mean(c, n_frames - n, n_frames)
     else:
         early = late = math.nan
-    terms["voiced_early_nll"], terms["voiced_late_nll"] = _ratio_term(early), _ratio_term(late)
-    terms["voiced_improvement"] = _ratio_term(early - late)
+    terms[f"{prefix}early_nll"], terms[f"{prefix}late_nll"] = _ratio_term(early), _ratio_term(late)
+    terms[f"{prefix}improvement"] = _ratio_term(early - late)
     return terms
 
 
