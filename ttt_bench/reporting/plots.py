@@ -100,6 +100,16 @@ def band(curves: Sequence[np.ndarray], max_points: int = 500,
     return Band(x=x, mean=mean, low=np.asarray(low), high=np.asarray(high))
 
 
+def save_png_svg(fig, stem: Path) -> list[Path]:
+    """Write ``fig`` as ``stem.png`` (100 dpi) and ``stem.svg``, close it, return both paths."""
+    fig.tight_layout()
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=100)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
 def _draw(ax, b: Band | None, label: str, color) -> None:
     if b is None:
         return
@@ -156,9 +166,4 @@ def plot_loss_vs_position(stem: Path, summaries: dict[str, dict[str, list[DocSum
                 _minutes_axis(a, FRAME_RATE)
                 if a.get_legend_handles_labels()[0]:
                     a.legend(fontsize=8)
-    fig.tight_layout()
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=100)
-    fig.savefig(paths[1])
-    plt.close(fig)
-    return paths
+    return save_png_svg(fig, stem)

@@ -7,7 +7,7 @@ pair tasks: acc; recall: recall_gain), a table per task with one row per step (v
 the delta to the baseline), ``<task>_vs_step.png``/``.svg`` (each headline metric against the
 step with its bootstrap band), and the trackers' scalars of each checkpoint at its own step.
 
-This module reads results.json dicts only; it imports nothing else of the package.
+This module reads results.json dicts only; of the package it imports only plots (to draw).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def series_notes(results_json: Mapping[str, Any]) -> list[str]:
 
 def plot_vs_step(stem: Path, task: str, by_series: Mapping[str, Mapping[str, list[list]]]) -> list[Path]:
     """``stem.png`` and ``stem.svg``: one panel per headline metric, value against step with its band."""
-    from ttt_bench.reporting import plots  # noqa: F401  (selects the Agg backend)
+    from ttt_bench.reporting import plots  # selects the Agg backend
     import matplotlib.pyplot as plt
 
     metrics = list(dict.fromkeys(m for s in by_series.values() for m in s))
@@ -152,12 +152,7 @@ def plot_vs_step(stem: Path, task: str, by_series: Mapping[str, Mapping[str, lis
             ax.legend(fontsize=8)
     for j in range(len(metrics), rows * cols):
         axes[j // cols, j % cols].set_visible(False)
-    fig.tight_layout()
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=100)
-    fig.savefig(paths[1])
-    plt.close(fig)
-    return paths
+    return plots.save_png_svg(fig, stem)
 
 
 def add_series(out_dir: Path) -> bool:
