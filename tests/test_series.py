@@ -314,25 +314,37 @@ def test_a_truncated_checkpoint_stops_the_run_before_scoring(base, tmp_path, mon
     loads = BaseLoads(monkeypatch, base / "model.safetensors")
     out = tmp_path / "out"
     code = main(["--model", "frozen", "--model_args", f"checkpoint={run},hf_repo={REPO}", "--tasks", TASK,
-                 "--limit", "1", "--on_error", "fail", "--output_path", str(out)])
+                 "--limit", "1", "--output_path", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert str(run / "checkpoints" / "checkpoint_000020") in err and "truncated" in err and str(bad) in err
     assert calls.calls == {} and loads.count == 0 and not out.exists()
 
 
-def test_with_on_error_skip_the_others_are_evaluated_and_the_skip_reported(base, tmp_path):
+def test_with_on_error_skip_the_others_are_evaluated_and_the_skip_reported(base, tmp_path, monkeypatch):
     run = lora_run(tmp_path / "run", base)
+    lora = run / "checkpoints" / "checkpoint_000020" / "consolidated" / "lora.safetensors"
+    whole = lora.read_bytes()
     truncate(run / "checkpoints" / "checkpoint_000020")
     out = tmp_path / "out"
-    results = simple_evaluate("frozen", {"checkpoint": str(run), "hf_repo": REPO}, output_path=str(out),
-                              on_error="skip", **RUN_ARGS)
-    assert list(mean_nll(results)) == ["frozen@10", "frozen@30"]
+    args = dict(model_args={"checkpoint": str(run), "hf_repo": REPO}, output_path=str(out), **RUN_ARGS)
+    results = simple_evaluate("frozen", on_error="skip", **args)
+    first = mean_nll(results)
+    assert list(first) == ["frozen@10", "frozen@30"]
     skipped = results["skipped_checkpoints"]
     assert [(s["model"], s["step"]) for s in skipped] == [("frozen@20", 20)] and "truncated" in skipped[0]["reason"]
     assert [p[0] for p in results["series"][TASK]["frozen"]["mean_nll"]] == [10, 30]
     board = (out / "leaderboard.md").read_text()
     assert f"checkpoint {run / 'checkpoints' / 'checkpoint_000020'} skipped" in board
+
+    # the trainer finished writing it: --resume scores it, and only it
+    lora.write_bytes(whole)
+    calls = ScoreCalls(monkeypatch)
+    resumed = simple_evaluate("frozen", on_error="skip", resume=True, **args)
+    assert set(calls.calls) == {"frozen@20"} and resumed["skipped_checkpoints"] == []
+    got = mean_nll(resumed)
+    assert list(got) == [f"frozen@{s}" for s in STEPS] and all(got[m] == first[m] for m in first)
+    assert abs(got["frozen@20"] - alone("frozen", {20: checkpoint(run, 20)}, hf_repo=REPO)[20]) <= 1e-6
 
 
 # ----------------------------------------------------------------------------- --resume

@@ -166,9 +166,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("strict", False, "fail the run when a sanity flag is raised", switch=True),
     Option("on_bad_input", "skip", "unreadable, empty or too-short audio: skip it (reported) or fail",
            choices=("skip", "fail")),
-    Option("on_error", "skip", "a document that fails (out of memory, model error, non-finite loss under "
-           "--strict): record it and go on (skip), or stop after saving everything done (fail)",
-           choices=("skip", "fail")),
+    Option("on_error", None, "a document that fails (out of memory, model error, non-finite loss under "
+           "--strict): record it and go on (skip, the default), or stop after saving everything done (fail); "
+           "a training run's checkpoint that cannot be loaded stops the run before scoring (exit 2) unless "
+           "skip is given, then it is left out and listed", choices=("skip", "fail")),
     Option("allow_lookahead", False, "measure a model whose loss depends on later frames (it fails the "
            "causality check otherwise, exit 3) and flag its rows 'lookahead'", switch=True),
     Option("wandb_args", None, "k=v,... passed to wandb.init (project=...,name=...): also log the results to "

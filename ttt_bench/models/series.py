@@ -136,12 +136,12 @@ def build_series(build: Any, checked: list[CheckedCheckpoint]) -> dict[str, Chec
     return {c.member.name: CheckpointScorer(shared, c) for c in checked}
 
 
-def check_runs(runs: dict[str, Any], per_model: dict[str, Any], seed: int, on_error: str
+def check_runs(runs: dict[str, Any], per_model: dict[str, Any], seed: int, on_error: str | None
                ) -> tuple[dict[str, list[CheckedCheckpoint]], list[dict[str, Any]]]:
     """Every checkpoint of every series checked before anything loads. A bad one (missing,
     truncated or mis-shaped files, or one that cannot share the series' model) stops the run
-    with every bad one named (CheckpointError), or with ``on_error="skip"`` is left out and
-    returned as skipped."""
+    with every bad one named (CheckpointError), as a single bad checkpoint does, unless
+    ``on_error="skip"`` was given: then it is left out and returned as skipped."""
     from ttt_bench.models.loading.checkpoints import CheckpointError
     from ttt_bench.models.loading.moshi import ModelSource
     from ttt_bench.models.loading.series import check_series
