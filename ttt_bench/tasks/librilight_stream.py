@@ -239,17 +239,20 @@ class LibriLightStreamTask(Task):
 
     def _voice_activity(self, units: list[_Unit], n_frames: int) -> dict[str, Any]:
         """The voiced segments of the joined units in document time (each unit's shifted by its
-        start, cut at the stream's end) and their source (``+``-joined when the units differ)."""
+        start, cut at its own end in the stream) and their source (``+``-joined when the units differ)."""
         segments: list[list[float]] = []
         sources: list[str] = []
-        start, end = 0, n_frames / FRAME_RATE
+        start = 0
         for unit in units:
             offset = start / FRAME_RATE
+            start += int(unit.entry.codes.shape[-1])
+            # cut at the unit's own end: a unit cut short (max_frames; mid-book too, when a chapter
+            # planned before it failed to encode) keeps its segments out of the next unit's frames
+            end = min(start, n_frames) / FRAME_RATE
             own, source = unit_segments(unit, self._max_samples(unit))
             sources.append(source)
             segments += [[round(s + offset, 3), round(min(e + offset, end), 3)] for s, e in own
                          if s + offset < end]
-            start += int(unit.entry.codes.shape[-1])
         return {"voice_activity": segments, "voice_source": "+".join(dict.fromkeys(sources))}
 
     def _skip(self, item: AudioItem, reason: str) -> None:
