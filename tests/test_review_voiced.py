@@ -40,3 +40,29 @@ def test_a_chapter_cut_mid_book_keeps_its_segments_inside_it(tmp_path, codec):
     ch3_frames = budget - 2 * first  # cut against the failed chapter's planned frames
     start4 = (first + ch3_frames) / FRAME_RATE
     assert doc.meta["voice_activity"] == SEGMENTS + [[first / FRAME_RATE, start4], [start4 + 15.0, start4 + 16.0]]
+
+
+def test_deltas_where_only_one_model_carries_voice_activity():
+    """The baseline's records without voice activity (persisted by a version before it: --resume does
+    not hash the version) and the model's with it: the deltas leave the voiced metrics out instead
+    of raising KeyError, in either direction."""
+    from ttt_bench.config import StreamTaskConfig
+    from ttt_bench.metrics import DocRecord, compare_to_baseline
+
+    cfg = StreamTaskConfig(task="t", source={"type": "x"}, positions=[10], window=4, early_late_frames=5,
+                           segments=[[0, 10]], bootstrap_iters=50)
+    rng = np.random.default_rng(0)
+
+    def records(voiced: bool) -> list[DocRecord]:
+        out = []
+        for i in range(4):
+            nll = rng.uniform(1, 3, (8, 40))
+            nll[1:, -1] = np.nan
+            out.append(DocRecord(f"d{i}", {"voice_activity": [[0.0, 1.0]]} if voiced else {}, nll))
+        return out
+
+    with_va, without = records(True), records(False)
+    for model, base in ((with_va, without), (without, with_va)):
+        d = compare_to_baseline(model, base, cfg)
+        assert d["n"]["mean_nll"] == 4 and d["mde"]["mean_nll"] is not None
+        assert not any(k.startswith(("voiced", "silence")) for k in (*d["delta"], *d["mde"]))

@@ -721,7 +721,10 @@ def deltas_from_summaries(model: Sequence[DocSummary], base: Sequence[DocSummary
     u = _uniforms(len(common), cfg.bootstrap_iters) if cfg.bootstrap_iters >= 2 else None
     out: dict[str, Any] = {"n_docs": len(common),
                            "n_unpaired": len(mine) + len(by_id) - 2 * len(common)}
-    res = {name: bootstrap_delta(*ta[name], *tb[name], cfg.bootstrap_iters, paired=True, u=u) for name in ta}
+    # the voiced metrics only where both carry voice activity (a run resumed across versions can
+    # hold one model's records without it)
+    res = {name: bootstrap_delta(*ta[name], *tb[name], cfg.bootstrap_iters, paired=True, u=u)
+           for name in ta if name in tb}
     out["delta"] = {k: r["value"] for k, r in res.items()}
     out["ci"] = {k: r["ci"] for k, r in res.items()}
     out["stderr"] = {k: r["stderr"] for k, r in res.items()}
