@@ -66,3 +66,17 @@ def test_deltas_where_only_one_model_carries_voice_activity():
         d = compare_to_baseline(model, base, cfg)
         assert d["n"]["mean_nll"] == 4 and d["mde"]["mean_nll"] is not None
         assert not any(k.startswith(("voiced", "silence")) for k in (*d["delta"], *d["mde"]))
+
+
+def test_an_empty_voice_activity_is_silence_not_unknown(tmp_path, codec):
+    """A LibriLight .json whose voice_activity is [] (no speech found) is taken as it is: every
+    frame silent, source librilight_json; the energy detector is for recordings without one."""
+    from test_voiced import write_chapter as _write
+    from ttt_bench.audio.voice import SOURCE_JSON
+    from ttt_bench.tasks.librilight_stream import LibriLightStreamTask
+
+    folder = tmp_path / "ll" / "100" / BOOK
+    _write(folder, "01_ch", seed=1)
+    (folder / "01_ch.json").write_text(json.dumps({**librilight_json("100", BOOK, 16.0), "voice_activity": []}))
+    [doc] = LibriLightStreamTask(config(tmp_path / "ll")).documents(codec)
+    assert doc.meta["voice_source"] == SOURCE_JSON and doc.meta["voice_activity"] == []

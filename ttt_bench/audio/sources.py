@@ -94,6 +94,7 @@ def librilight_meta(raw: dict[str, Any] | None) -> dict[str, Any]:
         out["snr"] = float(raw["snr"])
     if raw.get("voice_activity"):
         out["voice_s"] = round(sum(float(e) - float(s) for s, e in raw["voice_activity"]), 2)
+    if raw.get("voice_activity") is not None:  # [] = LibriLight found no speech: silent, not unknown
         out["voice_activity"] = [[round(float(s), 3), round(float(e), 3)] for s, e in raw["voice_activity"]]
     return out
 
