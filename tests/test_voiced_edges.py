@@ -1,4 +1,5 @@
-"""Review of the voiced-frame metrics and power: regressions for the bugs found."""
+"""Voiced metrics at the edges: a chapter cut mid-book, deltas where one side lacks voice
+activity, an empty voice_activity list."""
 
 from __future__ import annotations
 
