@@ -379,3 +379,11 @@ def test_resume_scores_only_new_checkpoints_and_ones_saved_again(base, tmp_path,
     assert abs(again["frozen@20"] - alone("frozen", {20: checkpoint(run, 20)}, hf_repo=REPO)[20]) <= 1e-6
     assert abs(again["frozen@20"] - first["frozen@20"]) > 1e-3
     assert all(again[m] == got[m] for m in got if m != "frozen@20")
+
+
+def test_a_checkpoint_named_like_another_model_is_refused(tmp_path):
+    run = tmp_path / "run"
+    folders(run, (10, 20))
+    with pytest.raises(ValueError, match="'frozen@10' has the name of another model"):
+        expand_series({"frozen@10": "frozen", "frozen": "frozen"},
+                      {"frozen@10": ModelArgs({}, {}), "frozen": ModelArgs({"checkpoint": str(run)}, {})})

@@ -177,6 +177,10 @@ def expand_series(entries: dict[str, Any], per_model: dict[str, Any]) -> tuple[d
             continue
         chosen = select_steps(found, steps, f"model {name!r}, checkpoint={checkpoint}")
         members = [SeriesMember(f"{name}@{step}", name, step, folder) for step, folder in chosen]
+        taken = [m.name for m in members if m.name in entries or m.name in out_entries]
+        if taken:
+            raise ValueError(f"model {name!r}, checkpoint={checkpoint}: its checkpoint {taken[0]!r} has the name of "
+                             "another model of this run; rename that model")
         series[name] = Series(name, entry, members)
         options = {k: v for k, v in args.options.items() if k != "steps"}
         for member in members:
