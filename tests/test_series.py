@@ -251,6 +251,13 @@ def test_run_folder_checkpoints_folder_and_glob_name_the_same_checkpoints(tmp_pa
     assert find_series(expected[0][1] / "consolidated") is None
 
 
+def test_a_run_folder_with_glob_characters_in_its_name_is_taken_as_written(tmp_path):
+    run = tmp_path / "exp[1]"
+    expected = folders(run, (500, 1000))
+    assert find_series(run) == expected  # as a glob, exp[1] would match only a folder named exp1
+    assert find_series(run / "checkpoints") == expected
+
+
 @pytest.mark.parametrize("steps, chosen", [([500, 1500], [500, 1500]), ("1000:3000", [1000, 1500, 3000]),
                                            ("1500:", [1500, 3000]), (":1000", [500, 1000]),
                                            ("every:2", [500, 1500]), ("last:3", [1000, 1500, 3000]), (3000, [3000])])

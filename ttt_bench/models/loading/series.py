@@ -44,7 +44,7 @@ def find_series(value: Any) -> list[tuple[int, Path]] | None:
     A run folder or ``checkpoints/`` folder without any checkpoint, or a glob matching none, is a
     ValueError (one line)."""
     text = str(value)
-    if is_glob(text):
+    if is_glob(text) and not Path(text).expanduser().exists():  # runs/exp[1] as written, not a glob
         paths = [Path(p) for p in glob.glob(os.path.expanduser(text))]
         found = [(int(m.group(1)), p) for p in paths if p.is_dir() and (m := CHECKPOINT_DIR.match(p.name))]
         if not found:
