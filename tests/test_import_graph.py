@@ -83,3 +83,14 @@ def test_the_graph_sees_deferred_imports():
 def test_no_import_circles():
     found = cycles(import_graph())
     assert found == [], "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_the_evaluation_reads_scorers_through_the_declared_contract():
+    """evaluation/ calls no getattr/hasattr: every scorer hook and attribute it uses is declared,
+    with its default, on models/base.StreamingScorer (docs/design.md, "The scorer contract")."""
+    probes = [f"{path.relative_to(PACKAGE)}:{node.lineno}"
+              for path in sorted((PACKAGE / "evaluation").glob("*.py"))
+              for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr")]
+    assert probes == []

@@ -386,7 +386,7 @@ def write_results(out: Path, spec: RunOptions, plans: list[TaskPlan], store: Rec
     kept = {t: models for t, models in kept.items() if models}
     models = {name: ModelRecord(label=s.info.label, legacy=bool(s.is_legacy), lookahead=bool(s.lookahead),
                                 attention_only=bool(s.attention_only), options=s.info.options, shape=shape_of(s.lm),
-                                step=getattr(s, "step", None), series=getattr(s, "series", None))
+                                step=s.step, series=s.series)
               for plan in plans for name, s in plan.scorers.items()}
     run = RunRecord(
         config={**spec.recorded(), "output_path": str(out)},
@@ -403,7 +403,7 @@ def write_results(out: Path, spec: RunOptions, plans: list[TaskPlan], store: Rec
         verification=verifications.get("verification", {}),
         causality=verifications.get("causality", {}),
         baseline=spec.baseline or ("frozen" if "frozen" in spec.model and not any(  # not a training run's name
-            getattr(s, "series", None) == "frozen" for plan in plans for s in plan.scorers.values()) else None),
+            s.series == "frozen" for plan in plans for s in plan.scorers.values()) else None),
         group_subtasks={name: list(g.task) for name, g in (groups or {}).items()},
         group_metrics={name: g.metrics for name, g in (groups or {}).items()},
         versions={plan.name: plan.config.version for plan in plans},

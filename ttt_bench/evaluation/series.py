@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def is_checkpoint(scorer: Any) -> bool:
-    return getattr(scorer, "step", None) is not None and getattr(scorer, "series", None) is not None
+    return scorer.step is not None and scorer.series is not None
 
 
 def _run_file(store: RecordStore) -> Path:

@@ -59,6 +59,8 @@ class StreamingScorer(ABC):
     #                          (measured, and its rows flagged, without --allow_lookahead)
     source: Any = None  # the models.moshi.ModelSource it was loaded from (None: given in memory);
     #                     its Mimi codec encodes the audio
+    step: int | None = None  # a training run's checkpoint: its training step ...
+    series: str | None = None  # ... and the model name its run was given (``ttt`` of ``ttt@1500``)
 
     lm: Any  # the moshi LMModel being scored
 
