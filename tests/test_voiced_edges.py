@@ -43,10 +43,10 @@ def test_a_chapter_cut_mid_book_keeps_its_segments_inside_it(tmp_path, codec):
     assert doc.meta["voice_activity"] == SEGMENTS + [[first / FRAME_RATE, start4], [start4 + 15.0, start4 + 16.0]]
 
 
-def test_deltas_where_only_one_model_carries_voice_activity():
+def test_deltas_where_only_one_model_carries_voice_activity(caplog):
     """The baseline's records without voice activity (persisted by a version before it: --resume does
-    not hash the version) and the model's with it: the deltas leave the voiced metrics out instead
-    of raising KeyError, in either direction."""
+    not hash the version) and the model's with it: the deltas leave the voiced metrics out, with a
+    warning naming them, instead of raising KeyError, in either direction."""
     from ttt_bench.config import StreamTaskConfig
     from ttt_bench.metrics import DocRecord, compare_to_baseline
 
@@ -64,7 +64,9 @@ def test_deltas_where_only_one_model_carries_voice_activity():
 
     with_va, without = records(True), records(False)
     for model, base in ((with_va, without), (without, with_va)):
+        caplog.clear()
         d = compare_to_baseline(model, base, cfg)
+        assert "no delta for silence_mean_nll, voiced_early_nll" in caplog.text  # said, not silent
         assert d["n"]["mean_nll"] == 4 and d["mde"]["mean_nll"] is not None
         assert not any(k.startswith(("voiced", "silence")) for k in (*d["delta"], *d["mde"]))
 

@@ -723,6 +723,10 @@ def deltas_from_summaries(model: Sequence[DocSummary], base: Sequence[DocSummary
                            "n_unpaired": len(mine) + len(by_id) - 2 * len(common)}
     # the voiced metrics only where both carry voice activity (a run resumed across versions can
     # hold one model's records without it)
+    one_sided = sorted(set(ta) ^ set(tb))
+    if one_sided:
+        logger.warning("no delta for %s: only one of the two models' documents carries voice activity "
+                       "(records from an older ttt-bench? rerun with --overwrite)", ", ".join(one_sided))
     res = {name: bootstrap_delta(*ta[name], *tb[name], cfg.bootstrap_iters, paired=True, u=u)
            for name in ta if name in tb}
     out["delta"] = {k: r["value"] for k, r in res.items()}
